@@ -1,0 +1,1 @@
+"""Benchmarks and workload tools (installed as igtcache.bench)."""

@@ -1,0 +1,1 @@
+"""igtcache.clients: see docs/architecture.md (not built yet)."""

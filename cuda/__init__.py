@@ -1,0 +1,1 @@
+"""igtcache.cuda: see docs/architecture.md (not built yet)."""

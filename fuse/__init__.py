@@ -1,0 +1,1 @@
+"""igtcache.fuse: see docs/architecture.md (not built yet)."""

@@ -1,0 +1,1 @@
+"""igtcache: a unified, pattern-aware data cache for AI clusters."""

@@ -1,0 +1,125 @@
+"""The interface between the engine and a cache policy.
+
+A policy decides *which blocks stay* in a bounded cache and *which blocks to
+fetch ahead*. It owns residency bookkeeping (keys and sizes), never bytes: the
+engine stores the bytes and asks the policy. The live cache and the trace
+replay drive the very same objects through this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Hashable, NamedTuple
+
+
+class BlockKey(NamedTuple):
+    """One cached block: block ``index`` of ``path`` at object ``version``."""
+
+    path: str
+    version: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Access:
+    """One read as the cache saw it, hit or miss.
+
+    ``first_block``..``last_block`` are the block indices the read touched;
+    ``hint`` is an optional pattern hint from the client (e.g. "sequential").
+    """
+
+    ts: float
+    job: str
+    path: str
+    version: str
+    offset: int
+    size: int
+    object_size: int
+    block_size: int
+    first_block: int
+    last_block: int
+    hit: bool
+    hint: str | None = None
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first_block, self.last_block + 1)
+
+
+class Policy(ABC):
+    """Residency decisions for a cache of ``capacity`` bytes.
+
+    The engine calls, for every read: :meth:`observe` once (hit or miss), then
+    :meth:`touch` for each resident block used, :meth:`admit`/:meth:`insert`
+    for each block fetched, and :meth:`prefetch` to learn what to fetch ahead.
+    ``insert`` returns the blocks the policy evicted to make room; the engine
+    drops their bytes. The policy never holds more than ``capacity`` bytes.
+    """
+
+    name = "policy"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.used = 0
+        self._sizes: dict[Hashable, int] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def keys(self) -> list[Hashable]:
+        return list(self._sizes)
+
+    def observe(self, access: Access) -> None:
+        """Every read reaches here, hit or miss, before blocks are touched."""
+
+    def admit(self, key: Hashable, size: int, *, prefetched: bool = False) -> bool:
+        """Whether a fetched block should be cached at all."""
+        return size <= self.capacity
+
+    def prefetch(self, access: Access) -> list[int]:
+        """Block indices of ``access.path`` worth fetching ahead of demand."""
+        return []
+
+    def insert(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
+        """Make ``key`` resident; return the keys evicted to make room."""
+        if key in self._sizes:
+            self.remove(key)
+        evicted: list[Hashable] = []
+        while self.used + size > self.capacity and self._sizes:
+            victim = self._victim(key)
+            self.remove(victim)
+            evicted.append(victim)
+        self._sizes[key] = size
+        self.used += size
+        self._on_insert(key, size, prefetched)
+        return evicted
+
+    def remove(self, key: Hashable) -> None:
+        """Forget ``key`` (evicted, invalidated, or found corrupt)."""
+        size = self._sizes.pop(key, None)
+        if size is None:
+            return
+        self.used -= size
+        self._on_remove(key)
+
+    @abstractmethod
+    def touch(self, key: Hashable) -> None:
+        """A resident block was used."""
+
+    @abstractmethod
+    def _victim(self, incoming: Hashable) -> Hashable:
+        """The resident key to evict next to make room for ``incoming``."""
+
+    @abstractmethod
+    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
+        """Record a newly resident key."""
+
+    @abstractmethod
+    def _on_remove(self, key: Hashable) -> None:
+        """Drop bookkeeping for a key that left the cache."""
