@@ -1,0 +1,462 @@
+"""``igtcache.Cache``: the engine. Serves byte ranges of remote objects from a
+bounded block cache with a memory tier and an LMDB disk tier.
+
+Concurrency model: one lock (``_lock``) guards the policy, the tiers' indexes
+and the counters and is never held across I/O. Block fetches are single-flight
+(one future per missing block, shared by every reader that wants it). Stores
+are serialized by ``_store_lock`` so that the disk tier changes in the order
+the policy decided; a block between that decision and its LMDB commit is
+served from ``_pending``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from igtcache.disk_tier import CorruptBlock, DiskFull, DiskTier
+from igtcache.memory_tier import MemoryTier
+from igtcache.policies import BlockKey, Policy, make_policy
+from igtcache.remote import ObjectInfo, Remote, normalize_path
+from igtcache.residency import Residency, block_length
+from igtcache.stats import CacheStats
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class CacheDirInUse(RuntimeError):
+    """Another process holds the cache directory."""
+
+
+class _ObjectChanged(Exception):
+    """A fetched block's length disagrees with the object's known size."""
+
+
+class Cache:
+    """A block cache in front of any fsspec remote.
+
+    ``remote`` is a URL (``s3://bucket/prefix``, ``file:///data``,
+    ``memory://x``) or an fsspec filesystem, with ``root`` the prefix inside it.
+    Without ``cache_dir`` the cache lives in memory only (``memory_bytes``);
+    with it, ``disk_bytes`` of blocks are kept in LMDB under ``cache_dir`` and
+    survive restarts, and the memory tier holds the hottest of them.
+    Metadata is revalidated against the remote after ``ttl`` seconds.
+    """
+
+    def __init__(
+        self,
+        remote: str | fsspec.AbstractFileSystem,
+        *,
+        root: str = "",
+        storage_options: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        memory_bytes: int = 512 * MiB,
+        disk_bytes: int = 10 * GiB,
+        block_size: int = 4 * MiB,
+        policy: str | Policy = "lru",
+        ttl: float = 30.0,
+        retries: int = 3,
+        timeout: float = 30.0,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if memory_bytes < 0 or disk_bytes < 0:
+            raise ValueError("memory_bytes and disk_bytes must be >= 0")
+        if isinstance(remote, str):
+            self.remote = Remote.from_url(remote, storage_options, retries=retries, timeout=timeout)
+        else:
+            self.remote = Remote(remote, root, retries=retries, timeout=timeout)
+        self.block_size = block_size
+        self.ttl = ttl
+        self._lock = threading.RLock()
+        self._store_lock = threading.Lock()
+        self._dir_lock = None
+        self.disk: DiskTier | None = None
+        if cache_dir is not None:
+            self._dir_lock = _lock_directory(Path(cache_dir))
+            self.disk = DiskTier(cache_dir, disk_bytes)
+        capacity = disk_bytes if self.disk is not None else memory_bytes
+        self.policy = make_policy(policy, capacity) if isinstance(policy, str) else policy
+        self.memory = MemoryTier(memory_bytes)
+        self.residency = Residency(self.policy, block_size)
+        self.stats_counters = CacheStats()
+        self._meta: dict[str, ObjectInfo] = {}
+        self._by_path: dict[str, set[BlockKey]] = {}
+        self._pending: dict[BlockKey, bytes] = {}
+        self._inflight: dict[BlockKey, concurrent.futures.Future] = {}
+        self._unused_prefetch: dict[BlockKey, int] = {}  # prefetched, not yet read: size
+        self._store_pool = concurrent.futures.ThreadPoolExecutor(2, "igtcache-store")
+        self._warned_disk_full = False
+        self._closed = False
+        if self.disk is not None:
+            self._restore_from_disk()
+
+    # ------------------------------------------------------------------ public API
+
+    def read(self, path: str, offset: int = 0, size: int = -1, *, job: str | None = None, hint: str | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of ``path``; fewer at end of object.
+
+        ``size=-1`` reads to the end. ``job`` tags the access (default: this
+        process id); ``hint`` passes a pattern hint to the policy.
+        """
+        self._check_open()
+        if not isinstance(offset, int) or not isinstance(size, int):
+            raise TypeError("offset and size must be integers")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if size < -1:
+            raise ValueError(f"size must be >= 0 (or -1 for 'to the end'), got {size}")
+        job = str(os.getpid()) if job is None else str(job)
+        for attempt in range(2):
+            info = self._info(path, refresh=attempt > 0)
+            length = info.size - offset if size == -1 else size
+            try:
+                return self._read_blocks(info, offset, max(0, length), job, hint)
+            except _ObjectChanged:
+                if attempt:
+                    raise OSError(f"{path!r} on {self.remote.url} keeps changing while being read") from None
+                self.invalidate(path)
+        raise AssertionError("unreachable")
+
+    def info(self, path: str) -> dict[str, Any]:
+        """Size and version of an object (revalidated after ``ttl``)."""
+        self._check_open()
+        info = self._info(path)
+        return {"name": info.path, "size": info.size, "type": "file", "version": info.version}
+
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        """List a directory of the remote: ``name``, ``size``, ``type`` per entry."""
+        self._check_open()
+        return self.remote.ls(prefix)
+
+    def invalidate(self, path: str) -> None:
+        """Forget everything cached about ``path``: metadata and blocks."""
+        self._check_open()
+        path = normalize_path(path)
+        with self._store_lock:
+            with self._lock:
+                self._meta.pop(path, None)
+                keys = list(self._by_path.get(path, ()))
+                for key in keys:
+                    self.residency.drop(key)
+                    self._forget(key)
+            self._delete_from_disk(keys)
+            if self.disk is not None:
+                self.disk.delete_meta(path)
+
+    def prefetch(self, path: str, offset: int = 0, size: int = -1) -> int:
+        """Start fetching a range in the background; returns the number of blocks started."""
+        self._check_open()
+        if offset < 0 or size < -1:
+            raise ValueError(f"bad range: offset={offset}, size={size}")
+        info = self._info(path)
+        end = info.size if size == -1 else min(info.size, offset + size)
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        keys = [BlockKey(info.path, info.version, i) for i in range(first, last + 1)]
+        with self._lock:
+            keys = [k for k in keys if k not in self.policy]
+        for key in keys:
+            self._fetch(key, info, prefetched=True)
+        return len(keys)
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job."""
+        with self._lock:
+            out = self.stats_counters.as_dict()
+            out["policy"] = getattr(self.policy, "name", type(self.policy).__name__)
+            out["block_size"] = self.block_size
+            out["tiers"] = {
+                "memory": {"bytes": self.memory.bytes, "blocks": len(self.memory), "capacity": self.memory.capacity},
+            }
+            if self.disk is not None:
+                out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
+            return out
+
+    def close(self) -> None:
+        """Finish in-flight stores and close the disk tier intact."""
+        if self._closed:
+            return
+        self._closed = True
+        for future in list(self._inflight.values()):
+            try:
+                future.result(timeout=self.remote.timeout)
+            except Exception:  # noqa: BLE001 - a failed prefetch must not stop close()
+                pass
+        self._store_pool.shutdown(wait=True)
+        self.remote.close()
+        if self.disk is not None:
+            self.disk.close()
+        if self._dir_lock is not None:
+            self._dir_lock.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_blocks(self, info: ObjectInfo, offset: int, size: int, job: str, hint: str | None) -> bytes:
+        with self._lock:
+            plan = self.residency.plan(
+                ts=time.monotonic(), job=job, path=info.path, version=info.version,
+                offset=offset, size=size, object_size=info.size, hint=hint,
+            )
+        blocks: dict[int, bytes] = {}
+        missing = list(plan.missing)
+        for key in plan.resident:
+            data = self._lookup(key)
+            if data is None:
+                missing.append(key)
+            else:
+                blocks[key.index] = data
+        futures = {key.index: self._fetch(key, info, prefetched=False) for key in missing}
+        fetched = 0
+        for index, future in futures.items():
+            blocks[index] = future.result()
+            fetched += len(blocks[index])
+        self._start_prefetch(plan.access, info)
+        data = _assemble(blocks, offset, size, info.size, self.block_size)
+        with self._lock:
+            self.stats_counters.record_read(
+                job, hit=not missing, requested=len(data),
+                from_cache=len(data) - _overlap(missing, offset, len(data), self.block_size), remote=fetched,
+            )
+        return data
+
+    def _lookup(self, key: BlockKey) -> bytes | None:
+        """A resident block's bytes from memory, a pending store, or disk; ``None`` if lost."""
+        with self._lock:
+            data = self.memory.get(key)
+            if data is None:
+                data = self._pending.get(key)
+            if self._unused_prefetch.pop(key, None) is not None:
+                self.stats_counters.prefetch_used += 1
+        if data is not None or self.disk is None:
+            return data if data is not None else self._lost(key)
+        try:
+            data = self.disk.get(key)
+        except CorruptBlock as exc:
+            log.warning("%s; dropping it and fetching it again", exc)
+            with self._lock:
+                self.stats_counters.corruptions += 1
+            self._drop_blocks([key])
+            return None
+        if data is None:
+            return self._lost(key)
+        with self._lock:
+            if key in self.policy:
+                self.memory.put(key, data)
+        return data
+
+    def _lost(self, key: BlockKey) -> None:
+        """A block the policy holds but no tier has (disk write failed): forget it."""
+        with self._lock:
+            self.stats_counters.lost_blocks += 1
+            self.residency.drop(key)
+            self._forget(key)
+        return None
+
+    def _info(self, path: str, refresh: bool = False) -> ObjectInfo:
+        path = normalize_path(path)
+        with self._lock:
+            cached = self._meta.get(path)
+        if cached and not refresh and time.time() - cached.fetched_at < self.ttl:
+            return cached
+        info = self.remote.info(path)
+        if cached and cached.version != info.version:
+            self.invalidate(path)
+        with self._lock:
+            self._meta[path] = info
+        if self.disk is not None:
+            try:
+                self.disk.save_meta(info)
+            except DiskFull as exc:
+                self._warn_disk_full(exc)
+        return info
+
+    # ------------------------------------------------------------------ fetching and storing
+
+    def _fetch(self, key: BlockKey, info: ObjectInfo, *, prefetched: bool) -> concurrent.futures.Future:
+        """The single-flight future of ``key``'s bytes, stored once they arrive."""
+        with self._lock:
+            future = self._inflight.get(key)
+            if future is not None:
+                return future
+            future = concurrent.futures.Future()
+            self._inflight[key] = future
+            if prefetched:
+                self.stats_counters.prefetch_issued += 1
+        start = key.index * self.block_size
+        expected = block_length(key.index, info.size, self.block_size)
+        remote_future = self.remote.fetch(info.path, start, start + expected)
+        remote_future.add_done_callback(
+            lambda done: self._store_pool.submit(self._complete, key, expected, done, future, prefetched)
+        )
+        return future
+
+    def _complete(self, key, expected, done, future, prefetched) -> None:
+        try:
+            data = done.result()
+            if len(data) != expected:
+                raise _ObjectChanged(key.path)
+            with self._lock:
+                self.stats_counters.remote_fetches += 1
+                self.stats_counters.remote_bytes += len(data)
+                if prefetched:
+                    self.stats_counters.prefetch_bytes += len(data)
+            self._store(key, data, prefetched)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            with self._lock:
+                self._inflight.pop(key, None)
+                self.stats_counters.remote_errors += not isinstance(exc, _ObjectChanged)
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                self._inflight.pop(key, None)
+            future.set_result(data)
+
+    def _store(self, key: BlockKey, data: bytes, prefetched: bool) -> None:
+        with self._store_lock:
+            with self._lock:
+                current = self._meta.get(key.path)
+                if current is not None and current.version != key.version:
+                    return  # the object changed while this block was in flight
+                evicted = self.residency.admit(key, len(data), prefetched=prefetched)
+                if evicted is None:
+                    return
+                for victim in evicted:
+                    self._forget(victim)
+                self.stats_counters.evictions += len(evicted)
+                self._by_path.setdefault(key.path, set()).add(key)
+                self.memory.put(key, data)
+                if prefetched:
+                    self._unused_prefetch[key] = len(data)
+                if self.disk is not None:
+                    self._pending[key] = data
+            if self.disk is not None:
+                try:
+                    self.disk.write(puts=[(key, data)], deletes=evicted)
+                except DiskFull as exc:
+                    self._warn_disk_full(exc)
+                    self._delete_from_disk(evicted)
+                finally:
+                    with self._lock:
+                        self._pending.pop(key, None)
+
+    def _drop_blocks(self, keys: list[BlockKey]) -> None:
+        with self._store_lock:
+            with self._lock:
+                for key in keys:
+                    self.residency.drop(key)
+                    self._forget(key)
+            self._delete_from_disk(keys)
+
+    def _delete_from_disk(self, keys: list[BlockKey]) -> None:
+        """Remove blocks from the disk tier (store lock held); a failure only warns."""
+        if self.disk is None or not keys:
+            return
+        try:
+            self.disk.write(deletes=keys)
+        except DiskFull as exc:
+            self._warn_disk_full(exc)
+
+    def _forget(self, key: BlockKey) -> None:
+        """Drop a block that left the policy from the memory tier and indexes (lock held)."""
+        self.memory.discard(key)
+        siblings = self._by_path.get(key.path)
+        if siblings is not None:
+            siblings.discard(key)
+            if not siblings:
+                del self._by_path[key.path]
+        self.stats_counters.prefetch_wasted_bytes += self._unused_prefetch.pop(key, 0)
+
+    def _start_prefetch(self, access, info: ObjectInfo) -> None:
+        with self._lock:
+            keys = [k for k in self.residency.prefetch(access) if k not in self._inflight]
+        for key in keys:
+            self._fetch(key, info, prefetched=True)
+
+    def _restore_from_disk(self) -> None:
+        """Re-admit the blocks the disk tier kept across a restart, oldest first."""
+        self._meta.update(self.disk.load_meta())
+        surplus: list[BlockKey] = []
+        for key, size in self.disk.entries():
+            evicted = self.residency.admit(key, size) or []
+            surplus.extend(evicted)
+            for victim in evicted:
+                self._forget(victim)
+            if key in self.policy:
+                self._by_path.setdefault(key.path, set()).add(key)
+        if surplus:
+            self.disk.write(deletes=surplus)
+
+    def _warn_disk_full(self, exc: OSError) -> None:
+        with self._lock:
+            self.stats_counters.disk_write_errors += 1
+            first = not self._warned_disk_full
+            self._warned_disk_full = True
+        if first:
+            log.warning("%s; serving from the remote without caching on disk until space frees up", exc)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed Cache")
+
+
+def _assemble(blocks: dict[int, bytes], offset: int, size: int, object_size: int, block_size: int) -> bytes:
+    end = min(offset + size, object_size)
+    if end <= offset:
+        return b""
+    first, last = offset // block_size, (end - 1) // block_size
+    if first == last:
+        block = blocks[first]
+        lo, hi = offset - first * block_size, end - first * block_size
+        return block if (lo, hi) == (0, len(block)) else block[lo:hi]
+    parts = []
+    for index in range(first, last + 1):
+        view = memoryview(blocks[index])
+        lo = offset - index * block_size if index == first else 0
+        hi = end - index * block_size if index == last else len(view)
+        parts.append(view[lo:hi])
+    return b"".join(parts)
+
+
+def _overlap(keys: list[BlockKey], offset: int, length: int, block_size: int) -> int:
+    """Bytes of ``[offset, offset+length)`` that fall in the given blocks."""
+    total = 0
+    for key in keys:
+        lo = max(offset, key.index * block_size)
+        hi = min(offset + length, (key.index + 1) * block_size)
+        total += max(0, hi - lo)
+    return total
+
+
+def _lock_directory(directory: Path):
+    """Hold an exclusive lock on the cache directory for this process's lifetime."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise CacheDirInUse(f"cache directory {directory} is in use by another process (pid {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

@@ -1,0 +1,171 @@
+"""The remote side of the cache: an fsspec filesystem under a root prefix.
+
+Adds what a cache needs on top of fsspec: one place that maps errors (missing,
+denied, timed out, failing), bounded retries with backoff, an object version
+for every stat, and block fetches that return futures. Async filesystems
+(s3fs) are driven on their own event loop (``fs.loop``); synchronous ones
+(``file://``, ``memory://``) on a small thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+log = logging.getLogger(__name__)
+
+# Errors that retrying cannot fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+
+
+class RemoteError(OSError):
+    """The remote failed for an object after all retries."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the cache knows of one remote object."""
+
+    path: str
+    size: int
+    version: str
+    fetched_at: float  # wall-clock time of the stat, for TTL revalidation
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """ETag where the remote has one, else size and modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"{info.get('size')}:{mtime}"
+
+
+def normalize_path(path: str) -> str:
+    """A relative path inside the remote root; ``ValueError`` if it escapes it."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be str, not {type(path).__name__}")
+    if "\x00" in path:
+        raise ValueError(f"path {path!r} contains a NUL byte")
+    parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"path {path!r} escapes the remote root")
+    return "/".join(parts)
+
+
+class Remote:
+    """An fsspec filesystem rooted at ``root``, with retries and clear errors."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str = "",
+        *,
+        retries: int = 3,
+        backoff: float = 0.1,
+        timeout: float = 30.0,
+        threads: int = 8,
+    ) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.retries = max(1, retries)
+        self.backoff = backoff
+        self.timeout = timeout
+        self.is_async = isinstance(fs, AsyncFileSystem) and not fs.asynchronous
+        self._pool = None if self.is_async else concurrent.futures.ThreadPoolExecutor(threads, "igtcache-remote")
+
+    @classmethod
+    def from_url(cls, url: str, storage_options: dict | None = None, **kwargs) -> "Remote":
+        """Build from ``s3://bucket/prefix``, ``file:///data``, ``memory://x`` ..."""
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return cls(fs, root, **kwargs)
+
+    @property
+    def url(self) -> str:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{self.root}"
+
+    def full_path(self, path: str) -> str:
+        rel = normalize_path(path)
+        if not self.root:
+            return rel
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def relative(self, full: str) -> str:
+        full = full.rstrip("/")
+        root = self.fs._strip_protocol(self.root).rstrip("/") if self.root else ""
+        if root and full.startswith(root):
+            full = full[len(root):]
+        return full.lstrip("/")
+
+    def info(self, path: str) -> ObjectInfo:
+        """Stat one object. ``IsADirectoryError`` for a directory."""
+        full = self.full_path(path)
+        self.fs.invalidate_cache(full)  # revalidation must reach the remote, not fsspec's listing cache
+        info = self._retrying(path, lambda: self.fs.info(full))
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"{path!r} is a directory on {self.url}")
+        return ObjectInfo(path=normalize_path(path), size=int(info["size"]), version=object_version(info), fetched_at=time.time())
+
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        """List a directory: ``name`` (relative to the root), ``size``, ``type``."""
+        full = self.full_path(prefix)
+        self.fs.invalidate_cache(full)
+        entries = self._retrying(prefix, lambda: self.fs.ls(full, detail=True))
+        return [
+            {"name": self.relative(e["name"]), "size": int(e.get("size") or 0), "type": e.get("type", "file")}
+            for e in entries
+        ]
+
+    def fetch(self, path: str, start: int, end: int) -> concurrent.futures.Future:
+        """Start fetching bytes ``[start, end)`` of ``path``; a future of ``bytes``."""
+        full = self.full_path(path)
+        if self.is_async:
+            return asyncio.run_coroutine_threadsafe(self._fetch_async(path, full, start, end), self.fs.loop)
+        return self._pool.submit(self._retrying, path, lambda: self.fs.cat_file(full, start=start, end=end))
+
+    async def _fetch_async(self, path: str, full: str, start: int, end: int) -> bytes:
+        for attempt in range(1, self.retries + 1):
+            try:
+                return await asyncio.wait_for(self.fs._cat_file(full, start=start, end=end), self.timeout)
+            except _PERMANENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every other failure is retried, then reported
+                if attempt == self.retries:
+                    raise self._final_error(path, exc) from exc
+                log.debug("retrying %s after %r", path, exc)
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _retrying(self, path: str, call: Callable[[], Any]) -> Any:
+        for attempt in range(1, self.retries + 1):
+            try:
+                return call()
+            except _PERMANENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every other failure is retried, then reported
+                if attempt == self.retries:
+                    raise self._final_error(path, exc) from exc
+                log.debug("retrying %s after %r", path, exc)
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _final_error(self, path: str, exc: BaseException) -> OSError:
+        where = f"{path!r} on {self.url}"
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            return TimeoutError(f"{where}: remote timed out after {self.retries} attempts")
+        return RemoteError(f"{where}: remote failed after {self.retries} attempts: {exc!r}")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
