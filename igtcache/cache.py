@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from igtcache.disk_tier import CorruptBlock, DiskFull, DiskTier
+from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.memory_tier import MemoryTier
 from igtcache.policies import BlockKey, Policy, make_policy
 from igtcache.remote import ObjectInfo, Remote, normalize_path
@@ -214,52 +214,82 @@ class Cache:
                 ts=time.monotonic(), job=job, path=info.path, version=info.version,
                 offset=offset, size=size, object_size=info.size, hint=hint,
             )
-        blocks: dict[int, bytes] = {}
+        spans = _spans(offset, size, info.size, self.block_size)
+        pieces: dict[int, bytes | memoryview] = {}
+        on_disk: list[BlockKey] = []
         missing = list(plan.missing)
         for key in plan.resident:
-            data = self._lookup(key)
-            if data is None:
-                missing.append(key)
+            block = self._from_memory(key)
+            if block is not None:
+                pieces[key.index] = _slice(block, *spans[key.index])
+            elif self.disk is not None:
+                on_disk.append(key)
             else:
-                blocks[key.index] = data
+                self._lost(key)
+                missing.append(key)
         futures = {key.index: self._fetch(key, info, prefetched=False) for key in missing}
-        fetched = 0
         for index, future in futures.items():
-            blocks[index] = future.result()
-            fetched += len(blocks[index])
+            pieces[index] = _slice(future.result(), *spans[index])
         self._start_prefetch(plan.access, info)
-        data = _assemble(blocks, offset, size, info.size, self.block_size)
+        if on_disk:
+            data, failed = self._join_with_disk(on_disk, pieces, spans)
+            if failed:
+                for key in failed:
+                    pieces[key.index] = _slice(self._fetch(key, info, prefetched=False).result(), *spans[key.index])
+                missing += failed
+                data = _join([pieces[index] for index in sorted(pieces)])
+        else:
+            data = _join([pieces[index] for index in sorted(pieces)])
+        if not data:
+            return data  # touched no block: neither a hit nor a miss
+        from_remote = sum(spans[key.index][1] - spans[key.index][0] for key in missing)
         with self._lock:
             self.stats_counters.record_read(
-                job, hit=not missing, requested=len(data),
-                from_cache=len(data) - _overlap(missing, offset, len(data), self.block_size), remote=fetched,
+                job, hit=not missing, requested=len(data), from_cache=len(data) - from_remote,
+                remote=sum(block_length(key.index, info.size, self.block_size) for key in missing),
             )
         return data
 
-    def _lookup(self, key: BlockKey) -> bytes | None:
-        """A resident block's bytes from memory, a pending store, or disk; ``None`` if lost."""
+    def _join_with_disk(self, keys, pieces, spans) -> tuple[bytes, list[BlockKey]]:
+        """Add disk-tier blocks to ``pieces`` and join them while their views are valid.
+
+        Returns the joined bytes, or, where some blocks were missing or
+        corrupt, ``b""`` and those keys (with the good pieces copied out).
+        """
+        promote = self.memory.capacity > 0
+        with self.disk.views(keys) as (views, corrupt):
+            lost = [key for key in keys if key not in views and key not in corrupt]
+            for key, view in views.items():
+                if promote:
+                    block = bytes(view)
+                    with self._lock:
+                        if key in self.policy:
+                            self.memory.put(key, block)
+                    pieces[key.index] = _slice(block, *spans[key.index])
+                else:
+                    pieces[key.index] = view[slice(*spans[key.index])]
+            if not corrupt and not lost:
+                return _join([pieces[index] for index in sorted(pieces)]), []
+            for key in views:
+                pieces[key.index] = bytes(pieces[key.index])  # outlive the transaction
+        for key in corrupt:
+            log.warning("block %d of %r failed its checksum; dropping it and fetching it again", key.index, key.path)
         with self._lock:
-            data = self.memory.get(key)
-            if data is None:
-                data = self._pending.get(key)
+            self.stats_counters.corruptions += len(corrupt)
+        self._drop_blocks(corrupt)
+        for key in lost:
+            self._lost(key)
+        return b"", corrupt + lost
+
+    def _from_memory(self, key: BlockKey) -> bytes | None:
+        """A resident block from the memory tier or a store in progress."""
+        with self._lock:
+            block = self.memory.get(key)
+            if block is None:
+                block = self._pending.get(key)
             if self._unused_prefetch.pop(key, None) is not None:
                 self.stats_counters.prefetch_used += 1
-        if data is not None or self.disk is None:
-            return data if data is not None else self._lost(key)
-        try:
-            data = self.disk.get(key)
-        except CorruptBlock as exc:
-            log.warning("%s; dropping it and fetching it again", exc)
-            with self._lock:
-                self.stats_counters.corruptions += 1
-            self._drop_blocks([key])
-            return None
-        if data is None:
-            return self._lost(key)
-        with self._lock:
-            if key in self.policy:
-                self.memory.put(key, data)
-        return data
+        return block
 
     def _lost(self, key: BlockKey) -> None:
         """A block the policy holds but no tier has (disk write failed): forget it."""
@@ -416,32 +446,26 @@ class Cache:
             raise ValueError("I/O operation on a closed Cache")
 
 
-def _assemble(blocks: dict[int, bytes], offset: int, size: int, object_size: int, block_size: int) -> bytes:
+def _spans(offset: int, size: int, object_size: int, block_size: int) -> dict[int, tuple[int, int]]:
+    """For each block a read touches: the ``[lo, hi)`` range it needs inside that block."""
     end = min(offset + size, object_size)
-    if end <= offset:
-        return b""
-    first, last = offset // block_size, (end - 1) // block_size
-    if first == last:
-        block = blocks[first]
-        lo, hi = offset - first * block_size, end - first * block_size
-        return block if (lo, hi) == (0, len(block)) else block[lo:hi]
-    parts = []
-    for index in range(first, last + 1):
-        view = memoryview(blocks[index])
-        lo = offset - index * block_size if index == first else 0
-        hi = end - index * block_size if index == last else len(view)
-        parts.append(view[lo:hi])
-    return b"".join(parts)
+    spans = {}
+    for index in range(offset // block_size, -(-end // block_size)):
+        base = index * block_size
+        spans[index] = (max(offset, base) - base, min(end, base + block_size) - base)
+    return spans
 
 
-def _overlap(keys: list[BlockKey], offset: int, length: int, block_size: int) -> int:
-    """Bytes of ``[offset, offset+length)`` that fall in the given blocks."""
-    total = 0
-    for key in keys:
-        lo = max(offset, key.index * block_size)
-        hi = min(offset + length, (key.index + 1) * block_size)
-        total += max(0, hi - lo)
-    return total
+def _slice(block: bytes, lo: int, hi: int) -> bytes | memoryview:
+    """``block[lo:hi]`` without a copy (the whole block itself where it is all wanted)."""
+    return block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi]
+
+
+def _join(pieces: list[bytes | memoryview]) -> bytes:
+    """One ``bytes`` from the pieces, copying each byte at most once."""
+    if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        return pieces[0]
+    return b"".join(pieces)
 
 
 def _lock_directory(directory: Path):

@@ -1,7 +1,7 @@
 """The disk tier: checksummed blocks in one LMDB environment, bounded by bytes.
 
 Three named databases share one environment, so every change is one atomic
-transaction: ``index`` (key -> size, CRC-32, write sequence, path, version),
+transaction: ``index`` (key -> size, xxh3-64 checksum, write sequence, path, version),
 ``data`` (key -> block bytes) and ``meta`` (path -> object stat, for TTL
 revalidation across restarts).
 
@@ -9,38 +9,36 @@ Durability: the environment is opened with ``sync=False, metasync=False``.
 A committed transaction is in the OS page cache when ``write()`` returns, so it
 survives the process being killed (``kill -9``); after an OS crash or power
 loss the last transactions may be lost. Either way every block is verified
-against its CRC-32 on read, so a torn or corrupted block is never returned, and
+against its checksum on read, so a torn or corrupted block is never returned, and
 an environment that cannot be opened at all is moved aside and started anew.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import struct
 import time
-import zlib
 from pathlib import Path
+from typing import Iterator
 
 import lmdb
+import xxhash
 
 from igtcache.policies import BlockKey
 from igtcache.remote import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-_INDEX = struct.Struct("<QIQ")  # size, crc32, write sequence
+_INDEX = struct.Struct("<QQQ")  # size, xxh3-64 checksum, write sequence
 # LMDB stores values in 4 KiB pages and copies pages on write; the map leaves room for that.
 _MAP_OVERHEAD = 1.25
 _MAP_SLACK = 64 << 20
 # What LMDB raises for a damaged file, as opposed to e.g. a second open in this process.
 _DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PageNotFoundError, lmdb.BadValsizeError)
-
-
-class CorruptBlock(Exception):
-    """A block on disk failed its checksum (torn write, bit rot, tampering)."""
 
 
 class DiskFull(OSError):
@@ -97,7 +95,7 @@ class DiskTier:
         with self._env.begin() as txn:
             for raw_key, value in txn.cursor(db=self._index_db):
                 try:
-                    size, _crc, seq = _INDEX.unpack_from(value)
+                    size, _checksum, seq = _INDEX.unpack_from(value)
                     path, version = value[_INDEX.size:].decode("utf-8", "surrogatepass").split("\x00")
                     key = BlockKey(path, version, int.from_bytes(raw_key[16:], "big"))
                 except (struct.error, ValueError):
@@ -127,18 +125,28 @@ class DiskTier:
         """Stored blocks and their sizes, oldest write first."""
         return list(self._sizes.items())
 
-    def get(self, key: BlockKey) -> bytes | None:
-        """The block's bytes, ``None`` if absent; ``CorruptBlock`` if it fails its checksum."""
-        raw_key = _key(key)
+    @contextlib.contextmanager
+    def views(self, keys: list[BlockKey]) -> Iterator[tuple[dict[BlockKey, memoryview], list[BlockKey]]]:
+        """Zero-copy views of the blocks that pass their checksum, and the keys that fail it.
+
+        Views are valid only inside the ``with`` block (they point into the
+        LMDB map); absent keys appear in neither result.
+        """
+        found: dict[BlockKey, memoryview] = {}
+        corrupt: list[BlockKey] = []
         with self._env.begin(buffers=True) as txn:
-            index = txn.get(raw_key, db=self._index_db)
-            if index is None:
-                return None
-            size, crc, _seq = _INDEX.unpack_from(index)
-            data = txn.get(raw_key, db=self._data_db)
-            if data is None or len(data) != size or zlib.crc32(data) != crc:
-                raise CorruptBlock(f"block {key.index} of {key.path!r} failed its checksum")
-            return bytes(data)
+            for key in keys:
+                raw_key = _key(key)
+                index = txn.get(raw_key, db=self._index_db)
+                if index is None:
+                    continue
+                size, checksum, _seq = _INDEX.unpack_from(index)
+                data = txn.get(raw_key, db=self._data_db)
+                if data is None or len(data) != size or xxhash.xxh3_64_intdigest(data) != checksum:
+                    corrupt.append(key)
+                else:
+                    found[key] = data
+            yield found, corrupt
 
     def write(self, puts: list[tuple[BlockKey, bytes]] = (), deletes: list[BlockKey] = ()) -> None:
         """Delete then store blocks in one atomic transaction; ``DiskFull`` if it cannot."""
@@ -158,7 +166,7 @@ class DiskTier:
                     seq += 1
                     raw_key = _key(key)
                     name = f"{key.path}\x00{key.version}".encode("utf-8", "surrogatepass")
-                    txn.put(raw_key, _INDEX.pack(len(data), zlib.crc32(data), seq) + name, db=self._index_db)
+                    txn.put(raw_key, _INDEX.pack(len(data), xxhash.xxh3_64_intdigest(data), seq) + name, db=self._index_db)
                     txn.put(raw_key, data, db=self._data_db)
         except lmdb.MapFullError as exc:
             raise DiskFull(f"disk tier map at {self.directory} is full") from exc

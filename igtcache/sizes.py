@@ -52,3 +52,13 @@ def format_size(nbytes: float) -> str:
             break
         value /= 1024
     return f"{int(value)} B" if unit == "B" else f"{value:.3g} {unit}"
+
+
+def size_argument(text: str) -> int:
+    """``parse_size`` for argparse: a bad size becomes a usage error naming the value."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -15,7 +15,7 @@ import pytest
 
 from igtcache import Cache, RemoteError
 
-from .conftest import S3Server
+from igtcache.local_s3 import LocalS3
 from .helpers import file_remote, memory_remote
 
 BLOCK = 64 * 1024
@@ -90,14 +90,10 @@ def test_object_overwritten_on_remote_is_never_served_stale_after_ttl(s3):
 
 
 def test_remote_stopped_mid_workload_gives_clear_error_then_recovers():
-    server = S3Server()
-    server.start()
+    server = LocalS3().start()
     try:
+        server.create_bucket("faulty")
         fs = server.filesystem()
-        import boto3
-
-        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="faulty")
         fs.pipe("faulty/obj", b"z" * (4 * BLOCK))
         with Cache(fs, root="faulty", block_size=BLOCK, retries=2, timeout=5) as cache:
             assert cache.read("obj", 0, BLOCK) == b"z" * BLOCK
