@@ -52,6 +52,8 @@ class Cache:
     with it, ``disk_bytes`` of blocks are kept in LMDB under ``cache_dir`` and
     survive restarts, and the memory tier holds the hottest of them.
     Metadata is revalidated against the remote after ``ttl`` seconds.
+    ``policy`` is a registered name (``igtcache.policies.POLICIES``) or a
+    ``Policy`` instance whose capacity fits the tier it governs.
     """
 
     def __init__(
@@ -88,6 +90,8 @@ class Cache:
             self.disk = DiskTier(cache_dir, disk_bytes)
         capacity = disk_bytes if self.disk is not None else memory_bytes
         self.policy = make_policy(policy, capacity) if isinstance(policy, str) else policy
+        if self.policy.capacity > capacity:
+            raise ValueError(f"policy capacity {self.policy.capacity} exceeds the tier it governs ({capacity} bytes)")
         self.memory = MemoryTier(memory_bytes)
         self.residency = Residency(self.policy, block_size)
         self.stats_counters = CacheStats()
