@@ -1,4 +1,4 @@
-"""The ``igtcache`` command line."""
+"""The ``igtcache`` command line: each subcommand is a module with ``main(argv) -> int``."""
 
 from __future__ import annotations
 
@@ -7,26 +7,28 @@ import importlib
 import logging
 import sys
 
+# name -> (module with main(argv), one line of help)
+COMMANDS = {
+    "demo": ("igtcache.demo", "a training-like job through the cache on a local S3 server (no cloud account)"),
+    "bench": ("igtcache.cli", "benchmarks that print a figure next to a baseline from the same run"),
+}
+
 # ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)``.
 BENCHMARKS = {
     "engine": "hit-path throughput of the memory and disk tiers next to a local file in page cache",
 }
 
-DESCRIPTION = """\
-igtcache: a unified, pattern-aware data cache for AI clusters.
 
-subcommands:
-  demo    run a small training-like workload through the cache against a local
-          S3 server it starts itself (no cloud account needed), printing hit
-          ratios epoch by epoch; see `igtcache demo --help`
-  bench   benchmarks that print a figure next to a baseline measured in the
-          same run: """ + ", ".join(BENCHMARKS) + """; see `igtcache bench --help`
-
-Python API: igtcache.Cache("s3://bucket/prefix", cache_dir=..., memory_bytes=...)
-"""
+def _usage() -> str:
+    lines = ["igtcache: a unified, pattern-aware data cache for AI clusters.", "", "commands:"]
+    lines += [f"  {name:<8}{text}" for name, (_module, text) in COMMANDS.items()]
+    lines += ["", "`igtcache COMMAND --help` explains a command's options.",
+              'Python API: igtcache.Cache("s3://bucket/prefix", cache_dir=..., memory_bytes=...)']
+    return "\n".join(lines)
 
 
-def _bench(argv: list[str]) -> int:
+def bench(argv: list[str]) -> int:
+    """``igtcache bench NAME [options]``."""
     parser = argparse.ArgumentParser(
         prog="igtcache bench",
         description="Run a benchmark; each prints its figures next to a baseline from the same run.",
@@ -37,28 +39,22 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="which benchmark")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="options for that benchmark")
     ns = parser.parse_args(argv)
-    module = importlib.import_module(f"igtcache.bench.{ns.name}")
-    return module.main(ns.args)
+    return importlib.import_module(f"igtcache.bench.{ns.name}").main(ns.args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="igtcache: %(levelname)s: %(message)s")
-    parser = argparse.ArgumentParser(
-        prog="igtcache", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("command", choices=["demo", "bench"], metavar="COMMAND", help="demo | bench")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    if not argv:
-        parser.print_help()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"igtcache: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    ns = parser.parse_args(argv[:1])
-    rest = argv[1:]
-    if ns.command == "bench":
-        return _bench(rest)
-    from igtcache import demo
-
-    return demo.main(rest)
+    if command == "bench":
+        return bench(rest)
+    return importlib.import_module(COMMANDS[command][0]).main(rest)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,17 @@ from igtcache.cli import main
 
 
 def test_help_lists_every_subcommand(capsys):
+    from igtcache.cli import COMMANDS
+
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("demo", "bench"):
+    for command in COMMANDS:
         assert f"  {command} " in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
 def test_bad_size_is_a_usage_error(capsys):
