@@ -335,18 +335,22 @@ class Cache:
                 self.stats_counters.prefetch_issued += 1
         start = key.index * self.block_size
         expected = block_length(key.index, info.size, self.block_size)
+        started = time.monotonic()
         remote_future = self.remote.fetch(info.path, start, start + expected)
         remote_future.add_done_callback(
-            lambda done: self._store_pool.submit(self._complete, key, expected, done, future, prefetched)
+            lambda done: self._store_pool.submit(
+                self._complete, key, expected, done, future, prefetched, time.monotonic() - started
+            )
         )
         return future
 
-    def _complete(self, key, expected, done, future, prefetched) -> None:
+    def _complete(self, key, expected, done, future, prefetched, seconds) -> None:
         try:
             data = done.result()
             if len(data) != expected:
                 raise _ObjectChanged(key.path)
             with self._lock:
+                self.policy.observe_fetch(len(data), seconds)
                 self.stats_counters.remote_fetches += 1
                 self.stats_counters.remote_bytes += len(data)
                 if prefetched:

@@ -52,7 +52,8 @@ class Policy(ABC):
 
     The engine calls, for every read: :meth:`observe` once (hit or miss), then
     :meth:`touch` for each resident block used, :meth:`admit`/:meth:`insert`
-    for each block fetched, and :meth:`prefetch` to learn what to fetch ahead.
+    for each block fetched (and :meth:`observe_fetch` with how long the fetch
+    took), and :meth:`prefetch` to learn what to fetch ahead.
     ``insert`` returns the blocks the policy evicted to make room; the engine
     drops their bytes. The policy never holds more than ``capacity`` bytes.
     """
@@ -81,6 +82,9 @@ class Policy(ABC):
     def admit(self, key: Hashable, size: int, *, prefetched: bool = False) -> bool:
         """Whether a fetched block should be cached at all."""
         return size <= self.capacity
+
+    def observe_fetch(self, nbytes: int, seconds: float) -> None:
+        """A remote fetch of ``nbytes`` took ``seconds`` (lets a policy size readahead)."""
 
     def prefetch(self, access: Access) -> list[int]:
         """Block indices of ``access.path`` worth fetching ahead of demand."""
