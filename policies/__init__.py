@@ -1,9 +1,16 @@
 """Cache policies: the decisions the engine delegates (eviction, admission, prefetch)."""
 
+from .arc import ARC
 from .base import Access, BlockKey, Policy
+from .belady import Belady, FutureOracle
+from .fifo import FIFO
+from .lfu import LFU
 from .lru import LRU
+from .s3fifo import S3FIFO
 
-POLICIES: dict[str, type[Policy]] = {LRU.name: LRU}
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady)
+}
 
 
 def make_policy(name: str, capacity: int) -> Policy:
@@ -15,4 +22,7 @@ def make_policy(name: str, capacity: int) -> Policy:
     return cls(capacity)
 
 
-__all__ = ["Access", "BlockKey", "Policy", "LRU", "POLICIES", "make_policy"]
+__all__ = [
+    "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle",
+    "POLICIES", "make_policy",
+]
