@@ -56,6 +56,8 @@ class Cache:
     ``Policy`` instance whose capacity fits the tier it governs.
     """
 
+    STATS_STREAMS = 50  # most recently active streams listed by stats()
+
     def __init__(
         self,
         remote: str | fsspec.AbstractFileSystem,
@@ -175,7 +177,8 @@ class Cache:
         return len(keys)
 
     def stats(self) -> dict[str, Any]:
-        """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job."""
+        """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job, and the most
+        recently active access streams with their patterns."""
         with self._lock:
             out = self.stats_counters.as_dict()
             out["policy"] = getattr(self.policy, "name", type(self.policy).__name__)
@@ -185,6 +188,7 @@ class Cache:
             }
             if self.disk is not None:
                 out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
+            out["streams"] = self.residency.streams.streams(limit=self.STATS_STREAMS)
             return out
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ COMMANDS = {
 # ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)``.
 BENCHMARKS = {
     "engine": "hit-path throughput of the memory and disk tiers next to a local file in page cache",
+    "classify": "classifier accuracy at 32..1024 accesses, record() cost next to a dict update, tree memory",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
 }

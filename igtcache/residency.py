@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from igtcache.policies import Access, BlockKey, Policy
+from igtcache.stream_tree import AccessStreamTree
 
 
 @dataclass
@@ -38,11 +39,18 @@ def block_length(index: int, object_size: int, block_size: int) -> int:
 
 
 class Residency:
-    """Applies a :class:`Policy` to reads, fetches and removals."""
+    """Applies a :class:`Policy` to reads, fetches and removals.
 
-    def __init__(self, policy: Policy, block_size: int) -> None:
+    Every read lands in ``streams`` (an :class:`AccessStreamTree`) before the
+    policy sees it; the policy is bound to the same tree, so pattern-driven
+    policies read the labels the cache reports.
+    """
+
+    def __init__(self, policy: Policy, block_size: int, streams: AccessStreamTree | None = None) -> None:
         self.policy = policy
         self.block_size = block_size
+        self.streams = streams if streams is not None else AccessStreamTree(block_size=block_size)
+        policy.bind_streams(self.streams)
 
     def plan(
         self,
@@ -62,6 +70,7 @@ class Residency:
         ``available(key)`` may veto residency (a prefetch not yet arrived);
         by default every block the policy holds counts as resident.
         """
+        self.streams.record(path, offset, size, job, ts)
         first, last = block_span(offset, size, object_size, self.block_size)
         keys = [BlockKey(path, version, i) for i in range(first, last + 1)]
         is_resident = (lambda k: k in self.policy) if available is None else (lambda k: k in self.policy and available(k))

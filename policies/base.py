@@ -76,6 +76,9 @@ class Policy(ABC):
     def keys(self) -> list[Hashable]:
         return list(self._sizes)
 
+    def bind_streams(self, streams) -> None:
+        """Called once with the ``AccessStreamTree`` that every access lands in first."""
+
     def observe(self, access: Access) -> None:
         """Every read reaches here, hit or miss, before blocks are touched."""
 

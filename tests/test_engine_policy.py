@@ -85,3 +85,15 @@ def test_prefetched_blocks_evicted_unread_count_as_waste():
 def test_policy_larger_than_its_tier_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
         Cache(**memory_remote().cache_args(), memory_bytes=BLOCK, policy=LRU(2 * BLOCK))
+
+
+def test_stats_list_the_streams_each_job_makes():
+    remote = memory_remote()
+    remote.put("data/big", os.urandom(256 * BLOCK))
+    with Cache(**remote.cache_args(), block_size=BLOCK, memory_bytes=512 * BLOCK) as cache:
+        for i in range(200):
+            cache.read("data/big", i * BLOCK, BLOCK, job="scanner")
+        streams = cache.stats()["streams"]
+    ours = [s for s in streams if s["path"] == "data/big" and s["job"] == "scanner"]
+    assert ours and ours[0]["label"] == "sequential"
+    assert ours[0]["samples"] >= 8 and ours[0]["rate"] > 0
