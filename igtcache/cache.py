@@ -300,12 +300,16 @@ class Cache:
         return block
 
     def _lost(self, key: BlockKey) -> None:
-        """A block the policy holds but no tier has (disk write failed): forget it."""
-        with self._lock:
+        """A block the policy holds but no tier has (its disk write failed, or it
+        was evicted after the read was planned): forget it, unless it came back
+        meanwhile -- dropping a re-stored block would leave its bytes on disk
+        outside the policy's account."""
+        with self._store_lock, self._lock:
+            if key in self.memory or key in self._pending or (self.disk is not None and key in self.disk):
+                return
             self.stats_counters.lost_blocks += 1
             self.residency.drop(key)
             self._forget(key)
-        return None
 
     def _info(self, path: str, refresh: bool = False) -> ObjectInfo:
         path = normalize_path(path)
@@ -353,41 +357,50 @@ class Cache:
             data = done.result()
             if len(data) != expected:
                 raise _ObjectChanged(key.path)
-            with self._lock:
-                self.policy.observe_fetch(len(data), seconds)
-                self.stats_counters.remote_fetches += 1
-                self.stats_counters.remote_bytes += len(data)
-                if prefetched:
-                    self.stats_counters.prefetch_bytes += len(data)
-            self._store(key, data, prefetched)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             with self._lock:
                 self._inflight.pop(key, None)
                 self.stats_counters.remote_errors += not isinstance(exc, _ObjectChanged)
             future.set_exception(exc)
-        else:
+            return
+        with self._lock:
+            self.policy.observe_fetch(len(data), seconds)
+            self.stats_counters.remote_fetches += 1
+            self.stats_counters.remote_bytes += len(data)
+            if prefetched:
+                self.stats_counters.prefetch_bytes += len(data)
+
+        def hand_over() -> None:
             with self._lock:
                 self._inflight.pop(key, None)
             future.set_result(data)
 
-    def _store(self, key: BlockKey, data: bytes, prefetched: bool) -> None:
+        self._store(key, data, prefetched, hand_over)
+
+    def _store(self, key: BlockKey, data: bytes, prefetched: bool, hand_over) -> None:
+        """Let the policy place a fetched block, ``hand_over`` it to its waiters,
+        then write it to disk: readers need not wait for the disk write, since
+        the block is in ``_pending`` until it is committed."""
         with self._store_lock:
-            with self._lock:
-                current = self._meta.get(key.path)
-                if current is not None and current.version != key.version:
-                    return  # the object changed while this block was in flight
-                evicted = self.residency.admit(key, len(data), prefetched=prefetched)
-                if evicted is None:
-                    return
-                for victim in evicted:
-                    self._forget(victim)
-                self.stats_counters.evictions += len(evicted)
-                self._by_path.setdefault(key.path, set()).add(key)
-                self.memory.put(key, data)
-                if prefetched:
-                    self._unused_prefetch[key] = len(data)
-                if self.disk is not None:
-                    self._pending[key] = data
+            try:
+                with self._lock:
+                    current = self._meta.get(key.path)
+                    if current is not None and current.version != key.version:
+                        return  # the object changed while this block was in flight
+                    evicted = self.residency.admit(key, len(data), prefetched=prefetched)
+                    if evicted is None:
+                        return
+                    for victim in evicted:
+                        self._forget(victim)
+                    self.stats_counters.evictions += len(evicted)
+                    self._by_path.setdefault(key.path, set()).add(key)
+                    self.memory.put(key, data)
+                    if prefetched:
+                        self._unused_prefetch[key] = len(data)
+                    if self.disk is not None:
+                        self._pending[key] = data
+            finally:
+                hand_over()
             if self.disk is not None:
                 try:
                     self.disk.write(puts=[(key, data)], deletes=evicted)
