@@ -1,0 +1,314 @@
+"""The ``igtcache`` fsspec protocol: reads through the node daemon, or an embedded engine.
+
+Chained like fsspec's own caches::
+
+    fsspec.open("igtcache::s3://bucket/key", s3={"anon": False})
+    fs = fsspec.filesystem("igtcache", target_protocol="s3", target_options={...})
+
+Each path goes to the daemon when one answers on the socket (``socket=``,
+else ``$IGTCACHE_SOCKET``, else the default) and serves a remote whose
+protocol and root cover the path; every other path is read through an engine
+embedded in this process (one ``Cache`` per bucket or top-level directory,
+memory-only unless ``cache_dir`` is given). Whether a daemon answers is
+decided once per filesystem instance, at its first call (fsspec caches
+instances by their arguments: pass ``skip_instance_cache=True`` for a fresh
+look). ``mode="attach"`` refuses to run embedded, ``mode="embedded"`` never
+attaches.
+
+Reads carry the job id (``job=``, else ``$IGTCACHE_JOB``, else the process
+id). Writes go to the target filesystem and then drop the object's cached
+blocks. The filesystem pickles by its arguments and re-opens its connections
+or engines after a fork, so it works in DataLoader workers (fork or spawn).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import weakref
+from typing import Any
+
+import fsspec
+from fsspec.implementations.chained import ChainedFileSystem
+from fsspec.spec import AbstractBufferedFile
+
+from igtcache import Cache, CacheDirInUse
+from igtcache.daemon.config import default_socket_path
+from igtcache.daemon_client import DaemonClient, DaemonUnavailable
+from igtcache.sizes import parse_size
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "attach", "embedded")
+
+
+class IgtcacheFileSystem(ChainedFileSystem):
+    """An fsspec filesystem that reads ``target_protocol`` (or ``fs``) through igtcache.
+
+    Options: ``socket`` (the daemon's), ``mode`` (``auto``/``attach``/
+    ``embedded``), ``job``; for the embedded engine ``cache_dir``,
+    ``memory``, ``disk``, ``block_size`` (sizes as ``"512MiB"`` or bytes),
+    ``ttl``, ``policy``.
+    """
+
+    protocol = "igtcache"
+    _strip_tokenize_options = ("fo",)
+
+    def __init__(
+        self,
+        target_protocol: str | None = None,
+        target_options: dict | None = None,
+        fs: fsspec.AbstractFileSystem | None = None,
+        socket: str | None = None,
+        mode: str = "auto",
+        job: str | None = None,
+        cache_dir: str | None = None,
+        memory: str | int = "512MiB",
+        disk: str | int = "10GiB",
+        block_size: str | int = "4MiB",
+        ttl: float = 30.0,
+        policy: str = "lru",
+        fo: str | None = None,  # the chained URL's path, which fsspec passes along; paths come with each call
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (fs is None) == (target_protocol is None):
+            raise ValueError("give exactly one of target_protocol (with target_options) and fs")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.target_protocol = target_protocol or (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
+        self.target_options = dict(target_options or {})
+        self.socket = socket or default_socket_path()
+        self.mode = mode
+        self.job = job
+        self._engine_options = dict(
+            memory_bytes=parse_size(memory), disk_bytes=parse_size(disk), block_size=parse_size(block_size),
+            ttl=ttl, policy=policy,
+        )
+        self._cache_dir = cache_dir
+        self._given_fs = fs
+        target_cls = type(fs) if fs is not None else fsspec.get_filesystem_class(self.target_protocol)
+        protocols = target_cls.protocol
+        self._target_protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        cls = type(self)
+        self._strip_protocol = lambda path: target_cls._strip_protocol(cls._strip_protocol(path))
+        self._pid = os.getpid()
+        self._target_fs: fsspec.AbstractFileSystem | None = fs
+        self._daemon: list[tuple[str, DaemonClient]] | None = None  # (root, client), longest root first
+        self._engines: dict[str, Cache] = {}
+        self._inherited: list[Cache] = []  # a parent's engines: never closed in a forked child
+        weakref.finalize(self, _close_engines, self._engines, self._pid)
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, path: str) -> tuple[Any, str, str]:
+        """``(backend, path inside it, backend root)`` for a full target path."""
+        self._after_fork()
+        path = self._strip_protocol(path)
+        key = path.strip("/")
+        for root, client in self._daemon_remotes():
+            if not root or key == root or key.startswith(root + "/"):
+                return client, key[len(root):].strip("/"), root
+        if self.mode == "attach":
+            raise DaemonUnavailable(f"no remote of the igtcache daemon at {self.socket} serves "
+                                    f"{self.target_protocol}://{path} (mode='attach')")
+        root = _top_level(path)
+        return self._engine(root), path[len(root):].strip("/"), root
+
+    def _daemon_remotes(self) -> list[tuple[str, DaemonClient]]:
+        if self.mode == "embedded":
+            return []
+        if self._daemon is None:
+            try:
+                client = DaemonClient(self.socket, job=self.job)
+            except DaemonUnavailable:
+                if self.mode == "attach":
+                    raise
+                log.info("no igtcache daemon at %s; reading through an embedded engine", self.socket)
+                self._daemon = []
+                return self._daemon
+            served = [(r["root"], r["name"]) for r in client.remotes.values()
+                      if self._target_protocols & set(r["protocols"])]
+            self._daemon = sorted(((root, client.for_remote(name)) for root, name in served),
+                                  key=lambda item: -len(item[0]))
+        return self._daemon
+
+    def _after_fork(self) -> None:
+        """In a forked child: leave the parent's engines and target alone and build our own when needed.
+
+        Daemon clients re-open their connections by themselves.
+        """
+        if self._pid == os.getpid():
+            return
+        self._inherited += self._engines.values()
+        self._engines = {}
+        self._pid = os.getpid()
+        self._target_fs = self._given_fs
+        weakref.finalize(self, _close_engines, self._engines, self._pid)
+
+    def _engine(self, root: str) -> Cache:
+        """The embedded engine for one bucket or top-level directory."""
+        engine = self._engines.get(root)
+        if engine is None:
+            engine = self._engines[root] = self._new_engine(root)
+        return engine
+
+    def _new_engine(self, root: str) -> Cache:
+        cache_dir = None
+        if self._cache_dir is not None:
+            cache_dir = os.path.join(self._cache_dir, re.sub(r"[^A-Za-z0-9._-]+", "-", root).strip("-") or "root")
+        try:
+            return Cache(self._target(), root=root, cache_dir=cache_dir, **self._engine_options)
+        except CacheDirInUse as exc:
+            log.warning("%s; this process caches in memory only (run `igtcache serve` to share one cache)", exc)
+            return Cache(self._target(), root=root, **self._engine_options)
+
+    def _target(self) -> fsspec.AbstractFileSystem:
+        self._after_fork()
+        if self._target_fs is None:
+            self._target_fs = fsspec.filesystem(self.target_protocol, **self.target_options)
+        return self._target_fs
+
+    def _job(self) -> str | None:
+        return self.job or os.environ.get("IGTCACHE_JOB")
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, path: str, offset: int, size: int) -> bytes:
+        backend, rel, _root = self._route(path)
+        return backend.read(rel, offset, size, job=self._job())
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs) -> bytes:
+        """Bytes ``[start, end)`` of one object; negative positions count from its end."""
+        start = start or 0
+        if start < 0 or (end is not None and end < 0):
+            size = self.size(path)
+            start = max(0, size + start) if start < 0 else start
+            end = max(0, size + end) if end is not None and end < 0 else end
+        return self._read(path, start, -1 if end is None else max(0, end - start))
+
+    def info(self, path: str, **kwargs) -> dict[str, Any]:
+        backend, rel, _root = self._route(path)
+        name = self._strip_protocol(path)
+        try:
+            info = backend.info(rel)
+        except IsADirectoryError:
+            return {"name": name, "size": 0, "type": "directory"}
+        return {**info, "name": name}
+
+    def ls(self, path: str, detail: bool = True, **kwargs) -> list:
+        backend, rel, root = self._route(path)
+        if isinstance(backend, DaemonClient):
+            lead = "/" if self._strip_protocol(path).startswith("/") else ""
+            entries = [{**e, "name": lead + "/".join(filter(None, [root, e["name"]]))} for e in backend.ls(rel)]
+        else:
+            entries = self._target().ls(self._strip_protocol(path), detail=True)
+        return entries if detail else [e["name"] for e in entries]
+
+    def _open(self, path: str, mode: str = "rb", block_size="default", autocommit=True, cache_options=None, **kwargs):
+        path = self._strip_protocol(path)
+        if "r" in mode:
+            return IgtcacheFile(self, path, mode=mode, block_size=block_size, cache_options=cache_options, **kwargs)
+        return _WriteThrough(self._target().open(path, mode, **kwargs), lambda: self.invalidate(path))
+
+    # ------------------------------------------------------------------ writing (through to the target)
+
+    def invalidate(self, path: str) -> None:
+        """Drop the cached blocks and metadata of ``path``."""
+        backend, rel, _root = self._route(path)
+        backend.invalidate(rel)
+
+    def pipe_file(self, path: str, value: bytes, **kwargs) -> None:
+        self._target().pipe_file(self._strip_protocol(path), value, **kwargs)
+        self.invalidate(path)
+
+    def rm_file(self, path: str) -> None:
+        self._target().rm_file(self._strip_protocol(path))
+        self.invalidate(path)
+
+    def mkdir(self, path: str, create_parents: bool = True, **kwargs) -> None:
+        self._target().mkdir(self._strip_protocol(path), create_parents=create_parents, **kwargs)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self._target().makedirs(self._strip_protocol(path), exist_ok=exist_ok)
+
+
+class IgtcacheFile(AbstractBufferedFile):
+    """A read-only file whose every read goes to the cache (no client-side buffer by default).
+
+    The backend (daemon or embedded engine) is chosen once, at open.
+    """
+
+    def __init__(self, fs: IgtcacheFileSystem, path: str, mode: str = "rb", cache_type: str = "none", **kwargs) -> None:
+        if mode != "rb":
+            raise ValueError(f"igtcache files open for reading with mode 'rb', not {mode!r}")
+        self._backend, self._rel, _root = fs._route(path)
+        self._job = fs._job()
+        super().__init__(fs, path, mode=mode, cache_type=cache_type, **kwargs)
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self._backend.read(self._rel, start, end - start, job=self._job)
+
+    def readinto(self, b) -> int:
+        """Read into a buffer; attached to the daemon, straight from the socket into it."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        out = memoryview(b).cast("B")
+        want = max(0, min(out.nbytes, self.size - self.loc))
+        if not want:
+            return 0
+        if isinstance(self._backend, DaemonClient):
+            n = self._backend.readinto(self._rel, self.loc, out[:want], job=self._job)
+        else:
+            data = self._backend.read(self._rel, self.loc, want, job=self._job)
+            n = len(data)
+            out[:n] = data
+        self.loc += n
+        return n
+
+
+class _WriteThrough:
+    """A target file open for writing; closing it drops the object's cached blocks."""
+
+    def __init__(self, f, on_close) -> None:
+        self._f = f
+        self._on_close = on_close
+        self._done = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._f.close()
+        finally:
+            self._on_close()
+
+    def __enter__(self) -> "_WriteThrough":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _top_level(path: str) -> str:
+    """The bucket or top-level directory of a path, with its leading ``/`` if it has one."""
+    lead = "/" if path.startswith("/") else ""
+    return lead + path.lstrip("/").split("/", 1)[0]
+
+
+def _close_engines(engines: dict[str, Cache], pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    for engine in engines.values():
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - closing at exit must not raise
+            pass

@@ -1,0 +1,159 @@
+"""The daemon's HTTP API (aiohttp), for curl, Prometheus and ``igtcache stats``.
+
+On the Unix socket::
+
+    GET  /health                               liveness, pid, remotes
+    GET  /metrics                              Prometheus text
+    GET  /v1/remotes                           served remotes: name, url, protocols, root
+    GET  /v1/stats                             daemon counters and every remote's stats
+    GET  /v1/remotes/NAME/stats
+    GET  /v1/remotes/NAME/read?path=P&offset=O&size=S&job=J&hint=H   -> the bytes
+    GET  /v1/remotes/NAME/info?path=P
+    GET  /v1/remotes/NAME/ls?path=P
+    POST /v1/remotes/NAME/invalidate?path=P
+    POST /v1/remotes/NAME/prefetch?path=P&offset=O&size=S
+
+Reads answer with the bytes as an ``application/octet-stream`` body; errors
+with a JSON body ``{"error": type, "message": text}`` and a 4xx/5xx status.
+The optional TCP listener gets only ``/health`` and ``/metrics``: it never
+exposes cached data to the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any, Callable
+
+from aiohttp import web
+
+from igtcache.daemon import metrics
+from igtcache.daemon.protocol import BadRequest, error_body
+from igtcache.daemon.service import Service
+from igtcache.remote import RemoteError
+
+log = logging.getLogger(__name__)
+
+_STATUS = [
+    (BadRequest, 400), (FileNotFoundError, 404), (IsADirectoryError, 400), (NotADirectoryError, 400),
+    (PermissionError, 403), (ValueError, 400), (TypeError, 400), (TimeoutError, 504), (RemoteError, 502),
+]
+
+
+def _error(exc: BaseException) -> web.Response:
+    status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
+    return web.Response(status=status, body=error_body(exc), content_type="application/json")
+
+
+def _json(value: Any) -> web.Response:
+    return web.Response(body=json.dumps(value).encode(), content_type="application/json")
+
+
+def _bytes(data: bytes) -> web.Response:
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, not {text[:40]!r}") from None
+
+
+class HttpApi:
+    """Route handlers over a ``Service``; blocking cache calls run in the loop's executor."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 10)
+        app.add_routes([
+            web.get("/health", self._op("health")),
+            web.get("/metrics", self.metrics),
+            web.get("/v1/remotes", self._op("remotes")),
+            web.get("/v1/stats", self._op("stats")),
+            web.get("/v1/remotes/{remote}/stats", self._op("stats")),
+            web.get("/v1/remotes/{remote}/read", self.read),
+            web.get("/v1/remotes/{remote}/info", self._op("info")),
+            web.get("/v1/remotes/{remote}/ls", self._op("ls")),
+            web.post("/v1/remotes/{remote}/invalidate", self._op("invalidate")),
+            web.post("/v1/remotes/{remote}/prefetch", self._op("prefetch")),
+        ])
+        return app
+
+    def metrics_app(self) -> web.Application:
+        app = web.Application(client_max_size=4 << 10)
+        app.add_routes([web.get("/health", self._op("health")), web.get("/metrics", self.metrics)])
+        return app
+
+    async def _answer(self, op: str, call: Callable[[], Any], respond: Callable[[Any], web.Response]) -> web.Response:
+        """Run ``call`` off the loop; its result through ``respond``, or any failure as an error response."""
+        try:
+            result = await _in_thread(call)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
+            self.service.count(op, exc)
+            if not isinstance(exc, (OSError, ValueError, TypeError)):
+                log.exception("%s failed", op)
+            return _error(exc)
+        self.service.count(op)
+        return respond(result)
+
+    async def read(self, request: web.Request) -> web.Response:
+        q = request.query
+
+        def call() -> bytes:
+            job = q.get("job") or request.headers.get("X-Igtcache-Job") or "http"
+            return self.service.read(request.match_info["remote"], q.get("path", ""), _query_int(request, "offset", 0),
+                                     _query_int(request, "size", -1), job, q.get("hint"))
+
+        return await self._answer("read", call, _bytes)
+
+    def _op(self, op: str):
+        async def handler(request: web.Request) -> web.Response:
+            def call() -> Any:
+                args: dict[str, Any] = {"remote": request.match_info.get("remote"),
+                                        "path": request.query.get("path", "")}
+                if op == "prefetch":
+                    args.update(offset=_query_int(request, "offset", 0), size=_query_int(request, "size", -1))
+                return self.service.call(op, args)
+
+            return await self._answer(op, call, _json)
+        return handler
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        stats = await _in_thread(self.service.stats)
+        return web.Response(text=metrics.render(stats), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+
+async def _in_thread(call: Callable[[], Any]) -> Any:
+    """``call()`` in a daemon thread of its own.
+
+    Not the loop's executor: a request stuck on a hanging remote must not
+    keep the daemon from exiting once its grace period is over.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: str, value: Any) -> None:
+        if not future.done():
+            getattr(future, outcome)(value)
+
+    def work() -> None:
+        try:
+            outcome, value = "set_result", call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler
+            outcome, value = "set_exception", exc
+        try:
+            loop.call_soon_threadsafe(settle, outcome, value)
+        except RuntimeError:
+            pass  # the loop has closed: the daemon stopped without waiting for this request
+
+    threading.Thread(target=work, name="igtcache-http", daemon=True).start()
+    return await future

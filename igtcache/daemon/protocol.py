@@ -1,0 +1,130 @@
+"""The daemon's binary wire protocol, shared by the server and ``DaemonClient``.
+
+The daemon's socket speaks HTTP (aiohttp: curl, ``/metrics``, the stats
+command) and this protocol, told apart by the first bytes of a connection: a
+binary client opens with ``MAGIC``, the server answers ``MAGIC``, then frames
+follow on the persistent connection, one response per request, in order.
+
+Request:  ``op`` (u8), payload length (u32), payload.
+  - ``OP_READ`` payload: offset (u64), size (i64, -1 = to the end), then the
+    lengths (u16 each) and UTF-8 bytes of remote, path, job and hint.
+  - every other op: a JSON object of arguments.
+Response: ``status`` (u8), body length (u64), body.
+  - ``OK_BYTES``: the bytes read, as they are (the hit path copies no byte
+    through JSON or base64).
+  - ``OK_JSON``: a JSON value.
+  - ``ERROR``: JSON ``{"error": type name, "message": text}``.
+
+Everything is little-endian. A request the server cannot frame (unknown op,
+payload over ``MAX_PAYLOAD``) gets an ``ERROR`` and the connection is closed;
+any other bad request gets an ``ERROR`` and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from igtcache.remote import RemoteError
+
+MAGIC = b"IGTCv1\r\n"
+REQUEST = struct.Struct("<BI")
+RESPONSE = struct.Struct("<BQ")
+READ_ARGS = struct.Struct("<QqHHHH")
+MAX_PAYLOAD = 64 << 10
+
+OP_READ = 1
+OP_INFO = 2
+OP_LS = 3
+OP_INVALIDATE = 4
+OP_PREFETCH = 5
+OP_STATS = 6
+OP_HEALTH = 7
+OP_REMOTES = 8
+OPS = {
+    OP_READ: "read", OP_INFO: "info", OP_LS: "ls", OP_INVALIDATE: "invalidate",
+    OP_PREFETCH: "prefetch", OP_STATS: "stats", OP_HEALTH: "health", OP_REMOTES: "remotes",
+}
+
+OK_BYTES = 0
+OK_JSON = 1
+ERROR = 2
+
+
+class DaemonError(OSError):
+    """The daemon could not be reached, broke the protocol, or failed unexpectedly."""
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon answers on the socket, or it went away mid-request."""
+
+
+class BadRequest(ValueError):
+    """A request the daemon refuses: malformed, out of range, or naming an unknown remote."""
+
+
+# Error types that cross the socket as themselves; anything else arrives as DaemonError.
+ERRORS: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                ValueError, TypeError, TimeoutError, RemoteError, BadRequest, DaemonError)
+}
+
+
+def encode_read(remote: str, path: str, offset: int, size: int, job: str, hint: str | None) -> bytes:
+    """A whole ``OP_READ`` request frame."""
+    parts = [s.encode("utf-8", "surrogatepass") for s in (remote, path, job, hint or "")]
+    args = READ_ARGS.pack(offset, size, *(len(p) for p in parts))
+    payload_len = len(args) + sum(len(p) for p in parts)
+    return b"".join([REQUEST.pack(OP_READ, payload_len), args, *parts])
+
+
+def decode_read(payload: bytes) -> dict[str, Any]:
+    """The arguments of an ``OP_READ`` payload; ``BadRequest`` if it is malformed."""
+    try:
+        offset, size, *lengths = READ_ARGS.unpack_from(payload)
+    except struct.error:
+        raise BadRequest("read request too short") from None
+    if READ_ARGS.size + sum(lengths) != len(payload):
+        raise BadRequest("read request lengths do not add up to its payload")
+    fields, at = [], READ_ARGS.size
+    for length in lengths:
+        try:
+            fields.append(payload[at:at + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest("read request strings must be UTF-8") from None
+        at += length
+    remote, path, job, hint = fields
+    return {"remote": remote, "path": path, "offset": offset, "size": size, "job": job, "hint": hint or None}
+
+
+def encode_json_request(op: int, args: dict[str, Any]) -> bytes:
+    payload = json.dumps(args).encode()
+    return REQUEST.pack(op, len(payload)) + payload
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    """A JSON object of arguments; ``BadRequest`` if it is anything else."""
+    try:
+        args = json.loads(payload) if payload else {}
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request payload is not valid JSON") from None
+    if not isinstance(args, dict):
+        raise BadRequest("request payload must be a JSON object")
+    return args
+
+
+def error_body(exc: BaseException) -> bytes:
+    name = type(exc).__name__ if type(exc).__name__ in ERRORS else "DaemonError"
+    return json.dumps({"error": name, "message": str(exc)}).encode()
+
+
+def raise_error(body: bytes) -> None:
+    """Raise the exception an ``ERROR`` body describes."""
+    try:
+        err = json.loads(body)
+        name, message = err["error"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        raise DaemonError(f"malformed error response from the daemon: {body[:200]!r}") from None
+    raise ERRORS.get(name, DaemonError)(message)

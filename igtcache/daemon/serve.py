@@ -1,0 +1,129 @@
+"""``igtcache serve``: run the node daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from igtcache.daemon.config import (
+    DaemonConfig, default_cache_dir, default_socket_path, load_toml, parse_mode, parse_remote,
+)
+from igtcache.daemon.server import Daemon, StartError
+from igtcache.policies import POLICIES
+from igtcache.sizes import size_argument
+
+DESCRIPTION = """\
+Run the node daemon: one cache shared by every job on this machine.
+
+It serves each remote (an S3 bucket or prefix, or any fsspec URL) through one
+igtcache.Cache with a memory tier and an LMDB disk tier that survives
+restarts, on a Unix socket that only this user can use (mode 0600) unless
+--socket-mode/--socket-group say otherwise. Clients find the socket through
+--socket or $IGTCACHE_SOCKET: the fsspec protocol igtcache:: attaches to it,
+and without a daemon runs the same engine in-process.
+
+The socket speaks HTTP (try: curl --unix-socket SOCKET http://x/v1/stats) and
+a binary protocol for reads. SIGTERM or Ctrl-C stops it cleanly: in-flight
+reads get --grace seconds, and the disk tier is closed intact."""
+
+EPILOG = f"""\
+examples:
+  igtcache serve --remote s3://my-bucket/datasets
+  igtcache serve --remote train=s3://bucket/train --remote eval=s3://bucket/eval \\
+                 --memory 8GiB --disk 500GiB --cache-dir /nvme/igtcache
+  igtcache serve --remote s3://bucket --storage-options '{{"endpoint_url": "http://127.0.0.1:9000"}}'
+  igtcache serve --config /etc/igtcache.toml --metrics-port 9464
+  igtcache stats --watch                    # what the daemon is doing
+
+defaults on this machine:
+  --socket     {default_socket_path()}
+  --cache-dir  {default_cache_dir()}
+
+config file (TOML; command-line options win):
+  socket = "/run/igtcache/igtcache.sock"
+  memory = "8GiB"
+  disk = "500GiB"
+  [remotes.train]
+  url = "s3://bucket/train"
+  disk = "400GiB"                # this remote's own share
+  storage_options = {{ anon = false }}"""
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="igtcache serve", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--remote", action="append", default=[], metavar="[NAME=]URL",
+                        help="a remote to serve, repeatable; named after its bucket and prefix unless NAME= is given")
+    parser.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                        help="fsspec options (JSON object) for the --remote URLs, e.g. credentials or endpoint_url")
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings and [remotes.NAME] tables")
+    parser.add_argument("--socket", help="Unix socket to serve on (default: $IGTCACHE_SOCKET, else shown below)")
+    parser.add_argument("--socket-mode", type=parse_mode, metavar="MODE",
+                        help="permission bits of the socket (default 0600: this user only; 0660 with --socket-group)")
+    parser.add_argument("--socket-group", metavar="GROUP", help="group that owns the socket, for shared nodes")
+    parser.add_argument("--cache-dir", help="where each remote's disk tier lives, one directory per remote")
+    parser.add_argument("--memory", type=size_argument, help="memory tier, split evenly between remotes (default 1GiB)")
+    parser.add_argument("--disk", type=size_argument,
+                        help="disk tier, split evenly between remotes (default 10GiB; 0 = memory only)")
+    parser.add_argument("--block-size", type=size_argument, help="cache block size (default 4MiB)")
+    parser.add_argument("--policy", choices=sorted(POLICIES), help="eviction policy (default lru)")
+    parser.add_argument("--ttl", type=float, help="seconds before an object's version is checked again (default 30)")
+    parser.add_argument("--max-read", type=size_argument, help="largest read one request may ask for (default 256MiB)")
+    parser.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (default 30)")
+    parser.add_argument("--metrics-port", type=int, help="also serve /metrics over TCP on this port (default: off)")
+    parser.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="default info")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> DaemonConfig:
+    """Settings from --config, overridden by the command-line options given."""
+    settings = load_toml(args.config) if args.config else {"remotes": []}
+    settings["remotes"] += [parse_remote(text, args.storage_options) for text in args.remote]
+    options = {
+        "socket": args.socket, "socket_mode": args.socket_mode, "socket_group": args.socket_group,
+        "cache_dir": args.cache_dir, "memory_bytes": args.memory, "disk_bytes": args.disk,
+        "block_size": args.block_size, "policy": args.policy, "ttl": args.ttl, "max_read": args.max_read,
+        "grace": args.grace, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
+    }
+    settings.update({key: value for key, value in options.items() if value is not None})
+    if args.socket_group and args.socket_mode is None and "socket_mode" not in settings:
+        settings["socket_mode"] = 0o660
+    return DaemonConfig(**settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(format="igtcache: %(levelname)s: %(message)s")  # no-op under `igtcache`, which set it up
+    logging.getLogger().setLevel(args.log_level.upper())
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # a malformed request is the client's problem
+    try:
+        Daemon(config).run()
+    except StartError as exc:
+        print(f"igtcache serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""``DaemonClient``: the node daemon's cache, with the same methods as ``Cache``.
+
+It speaks the daemon's binary protocol (``igtcache.daemon.protocol``) over
+persistent Unix-socket connections, one per thread at a time from a small
+pool, so it is safe to share between threads. After a ``fork`` the child
+drops the parent's connections and opens its own. Every read carries a job
+id: the one given to the call, else the client's, else ``$IGTCACHE_JOB``,
+else the id of the calling process.
+
+If the daemon goes away mid-request the call raises ``DaemonUnavailable``; the
+next call connects again, so a restarted daemon is picked up without a new
+client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from typing import Any
+
+from igtcache.daemon.config import default_socket_path
+from igtcache.daemon.protocol import (
+    ERROR, MAGIC, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS, OP_PREFETCH, OP_REMOTES,
+    OP_STATS, RESPONSE, DaemonError, DaemonUnavailable, encode_json_request, encode_read, raise_error,
+)
+
+__all__ = ["DaemonClient", "DaemonError", "DaemonUnavailable"]
+
+
+class _Pool:
+    """Idle connections to one socket, reset in a forked child."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def get(self) -> tuple[socket.socket, bool]:
+        """A connection, and whether it was reused (and so may have gone stale)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                for conn in self._idle:
+                    conn.close()  # the parent's connection stays open in the parent; never shut it down here
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def put(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _connect(self) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(self.timeout)
+        try:
+            conn.connect(self.path)
+            conn.sendall(MAGIC)
+            answer = _recv_exact(conn, len(MAGIC))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn.close()
+            raise DaemonUnavailable(f"no igtcache daemon at {self.path} ({exc.strerror}); "
+                                    "start one with `igtcache serve`") from None
+        except OSError as exc:
+            conn.close()
+            raise DaemonUnavailable(f"cannot connect to the igtcache daemon at {self.path}: {exc}") from None
+        if answer != MAGIC:
+            conn.close()
+            raise DaemonError(f"{self.path} does not speak the igtcache protocol (got {answer!r})")
+        return conn
+
+
+class DaemonClient:
+    """A remote served by the daemon on ``socket_path``, used like a ``Cache``.
+
+    ``remote_name`` picks one of the daemon's remotes (``None``: its only
+    one; with several, only the daemon-wide calls work until ``for_remote``).
+    ``job`` tags every read that names no job of its own. ``timeout`` bounds
+    each socket operation (default: none; the daemon bounds remote I/O
+    itself). Raises ``DaemonUnavailable`` if no daemon answers.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike | None = None, remote_name: str | None = None,
+                 job: str | None = None, *, timeout: float | None = None, _pool: _Pool | None = None) -> None:
+        self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
+        self.job = job
+        self._pool = _pool or _Pool(self.socket_path, timeout)
+        self._remotes = {r["name"]: r for r in self._call(OP_REMOTES, {})}
+        if remote_name is None and len(self._remotes) == 1:
+            remote_name = next(iter(self._remotes))
+        if remote_name is not None and remote_name not in self._remotes:
+            raise ValueError(f"the daemon at {self.socket_path} serves no remote {remote_name!r}; "
+                             f"it serves {sorted(self._remotes)}")
+        self.remote_name = remote_name
+
+    @property
+    def remotes(self) -> dict[str, dict[str, Any]]:
+        """Every remote the daemon serves: ``name -> {name, url, protocols, root, block_size, max_read}``."""
+        return dict(self._remotes)
+
+    @property
+    def url(self) -> str:
+        """The URL of the remote this client reads."""
+        return self._remotes[self._remote()]["url"]
+
+    @property
+    def block_size(self) -> int:
+        """The block size of the remote's cache in the daemon."""
+        return self._remotes[self._remote()]["block_size"]
+
+    def for_remote(self, remote_name: str) -> "DaemonClient":
+        """A client of another remote of the same daemon, sharing this one's connections."""
+        return DaemonClient(self.socket_path, remote_name, self.job, _pool=self._pool)
+
+    # ------------------------------------------------------------------ Cache's API
+
+    def read(self, path: str, offset: int = 0, size: int = -1, *,
+             job: str | None = None, hint: str | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of ``path``; fewer at end of object; ``size=-1`` to the end."""
+        if not isinstance(offset, int) or not isinstance(size, int):
+            raise TypeError("offset and size must be integers")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        if size < -1:
+            raise ValueError(f"size must be >= 0 (or -1 for 'to the end'), got {size}")
+        if size == -1 or size > self._max_read():
+            if size == -1:
+                size = max(0, self.info(path)["size"] - offset)
+            if size > self._max_read():
+                buffer = bytearray(size)
+                return bytes(memoryview(buffer)[:self.readinto(path, offset, buffer, job=job, hint=hint)])
+        return self._exchange(encode_read(self._remote(), path, offset, size, self._job(job), hint), into=None)
+
+    def readinto(self, path: str, offset: int, buffer, *, job: str | None = None, hint: str | None = None) -> int:
+        """Read up to ``len(buffer)`` bytes at ``offset`` straight into ``buffer``; the count read.
+
+        Reads over the daemon's ``--max-read`` go as several requests.
+        """
+        view = memoryview(buffer).cast("B")
+        done, chunk = 0, self._max_read()
+        while done < view.nbytes:
+            want = min(chunk, view.nbytes - done)
+            request = encode_read(self._remote(), path, offset + done, want, self._job(job), hint)
+            got = self._exchange(request, into=view[done:done + want])
+            done += got
+            if got < want:
+                break
+        return done
+
+    def info(self, path: str) -> dict[str, Any]:
+        """Size and version of an object: ``{"name", "size", "type", "version"}``."""
+        return self._call(OP_INFO, {"remote": self._remote(), "path": path})
+
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        """A directory of the remote: ``name``, ``size``, ``type`` per entry."""
+        return self._call(OP_LS, {"remote": self._remote(), "path": prefix})
+
+    def invalidate(self, path: str) -> None:
+        """Make the daemon forget everything cached about ``path``."""
+        self._call(OP_INVALIDATE, {"remote": self._remote(), "path": path})
+
+    def prefetch(self, path: str, offset: int = 0, size: int = -1) -> int:
+        """Ask the daemon to start fetching a range; the number of blocks started."""
+        return self._call(OP_PREFETCH, {"remote": self._remote(), "path": path, "offset": offset, "size": size})
+
+    def stats(self) -> dict[str, Any]:
+        """This remote's ``Cache.stats()`` in the daemon."""
+        return self._call(OP_STATS, {"remote": self._remote()})
+
+    def close(self) -> None:
+        """Close this client's idle connections."""
+        self._pool.close()
+
+    def __enter__(self) -> "DaemonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the daemon's own
+
+    def health(self) -> dict[str, Any]:
+        return self._call(OP_HEALTH, {})
+
+    def daemon_stats(self) -> dict[str, Any]:
+        """The daemon's counters and every remote's stats: ``{"daemon": ..., "remotes": {...}}``."""
+        return self._call(OP_STATS, {})
+
+    # ------------------------------------------------------------------ wire
+
+    def _remote(self) -> str:
+        if self.remote_name is None:
+            raise ValueError(f"the daemon at {self.socket_path} serves {sorted(self._remotes)}; "
+                             "pass remote_name= or use for_remote(name)")
+        return self.remote_name
+
+    def _max_read(self) -> int:
+        return self._remotes[self._remote()]["max_read"]
+
+    def _job(self, job: str | None) -> str:
+        return str(job if job is not None else self.job or os.environ.get("IGTCACHE_JOB") or os.getpid())
+
+    def _call(self, op: int, args: dict[str, Any]) -> Any:
+        return self._exchange(encode_json_request(op, args), into=None)
+
+    def _exchange(self, request: bytes, into: memoryview | None) -> Any:
+        """Send one request and read its response.
+
+        A pooled connection the daemon closed while it sat idle (the daemon
+        restarted) is dropped and the request sent again on another; every
+        operation is idempotent, so that is safe.
+        """
+        while True:
+            conn, reused = self._pool.get()
+            try:
+                conn.sendall(request)
+                status, length = RESPONSE.unpack(_recv_exact(conn, RESPONSE.size))
+                if status == OK_BYTES and into is not None:
+                    if length > into.nbytes:
+                        raise DaemonError(f"the daemon sent {length} bytes for a read of {into.nbytes}")
+                    _recv_exact_into(conn, into[:length])
+                    body: Any = length
+                else:
+                    body = _recv_exact(conn, length)
+            except DaemonError:
+                conn.close()
+                raise
+            except OSError as exc:
+                conn.close()
+                if reused and isinstance(exc, (_Closed, BrokenPipeError, ConnectionResetError)) and _sent_nothing(exc):
+                    continue  # an idle connection to a daemon that has since restarted
+                raise DaemonUnavailable(f"the igtcache daemon at {self.socket_path} went away mid-request "
+                                        f"({exc}); is it still running?") from None
+            self._pool.put(conn)
+            if status == ERROR:
+                raise_error(body)
+            if status == OK_JSON:
+                return json.loads(body)
+            if status == OK_BYTES:
+                return body
+            raise DaemonError(f"unknown response status {status} from the daemon at {self.socket_path}")
+
+
+class _Closed(ConnectionError):
+    """The daemon closed the connection; ``at_start`` if before any byte of the response."""
+
+    def __init__(self, at_start: bool) -> None:
+        super().__init__("connection closed by the daemon")
+        self.at_start = at_start
+
+
+def _sent_nothing(exc: BaseException) -> bool:
+    return not isinstance(exc, _Closed) or exc.at_start
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes, in one copy when the socket delivers them at once."""
+    data = conn.recv(n, socket.MSG_WAITALL)
+    if len(data) == n:
+        return data
+    if not data:
+        raise _Closed(at_start=True)
+    chunks, got = [data], len(data)
+    while got < n:
+        chunk = conn.recv(n - got, socket.MSG_WAITALL)
+        if not chunk:
+            raise _Closed(at_start=False)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_exact_into(conn: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = conn.recv_into(view[got:], view.nbytes - got, socket.MSG_WAITALL)
+        if n == 0:
+            raise _Closed(at_start=False)
+        got += n

@@ -1,0 +1,215 @@
+"""The ``igtcache`` fsspec protocol: embedded, attached to a real daemon, in DataLoader workers, under pyarrow."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+
+import fsspec
+import pytest
+
+from igtcache.clients.fsspec_plugin import IgtcacheFileSystem
+from igtcache.daemon.process import DaemonProcess
+from igtcache.daemon_client import DaemonClient, DaemonUnavailable
+
+KiB = 1 << 10
+BLOCK = 64 * KiB
+
+
+@pytest.fixture
+def objects(s3):
+    """A few objects under the test's prefix: ``(s3fs, prefix, {path: bytes})``."""
+    fs, prefix = s3
+    rng = random.Random(prefix)
+    data = {f"{prefix}/data/part-{i}.bin": rng.randbytes(size)
+            for i, size in enumerate([0, 1, 5000, BLOCK, 3 * BLOCK + 17])}
+    for path, value in data.items():
+        fs.pipe_file(path, value)
+    return fs, prefix, data
+
+
+@pytest.fixture
+def no_daemon(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGTCACHE_SOCKET", str(tmp_path / "nobody.sock"))
+
+
+@pytest.fixture
+def daemon(s3_server, s3, tmp_path_factory):
+    """A daemon serving the test's prefix, found through ``$IGTCACHE_SOCKET``."""
+    _fs, prefix = s3
+    work = tmp_path_factory.mktemp("plugin")
+    args = ["--remote", f"t=s3://{prefix}", "--storage-options", json.dumps(s3_server.storage_options()),
+            "--cache-dir", str(work / "cache"), "--memory", "8MiB", "--disk", "16MiB",
+            "--block-size", str(BLOCK), "--ttl", "3600"]
+    with DaemonProcess(work / "d.sock", args) as process, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IGTCACHE_SOCKET", process.socket_path)
+        yield process
+
+
+def _fs(s3_server, **options) -> IgtcacheFileSystem:
+    return fsspec.filesystem("igtcache", target_protocol="s3", target_options=s3_server.storage_options(),
+                             skip_instance_cache=True, **options)
+
+
+def _daemon_stats(daemon) -> dict:
+    with DaemonClient(daemon.socket_path, "t") as client:
+        return client.stats()
+
+
+def _exercise(fs, prefix: str, data: dict[str, bytes]) -> None:
+    """Every read-side call a dataloader makes, checked byte for byte."""
+    big = f"{prefix}/data/part-4.bin"
+    expected = data[big]
+    with fs.open(big, "rb") as f:
+        assert f.read(10) == expected[:10] and f.tell() == 10
+        f.seek(BLOCK - 5)
+        assert f.read(10) == expected[BLOCK - 5:BLOCK + 5]
+        f.seek(-7, io.SEEK_END)
+        assert f.read() == expected[-7:] and f.read() == b""
+        f.seek(100)
+        buffer = bytearray(BLOCK * 2)
+        assert f.readinto(buffer) == BLOCK * 2 and buffer == expected[100:100 + 2 * BLOCK]
+        f.seek(len(expected) - 3)
+        assert f.readinto(buffer) == 3 and buffer[:3] == expected[-3:]
+    assert fs.cat_file(big, start=3, end=BLOCK + 9) == expected[3:BLOCK + 9]
+    assert fs.cat_file(big, start=-20) == expected[-20:]
+    assert fs.cat_file(big, start=5, end=-5) == expected[5:-5]
+    assert fs.cat_file(f"{prefix}/data/part-0.bin") == b""
+    paths = sorted(data)
+    assert fs.cat_ranges(paths, [0] * len(paths), [3000] * len(paths)) == [data[p][:3000] for p in paths]
+    assert fs.cat(paths) == data
+    assert sorted(fs.ls(f"{prefix}/data", detail=False)) == paths
+    assert fs.info(big)["size"] == len(expected) and fs.info(big)["type"] == "file"
+    assert fs.info(f"{prefix}/data")["type"] == "directory"
+    assert fs.exists(big) and fs.isfile(big) and fs.isdir(f"{prefix}/data")
+    assert not fs.exists(f"{prefix}/data/missing.bin")
+    with pytest.raises(FileNotFoundError):
+        fs.cat_file(f"{prefix}/data/missing.bin")
+
+
+def test_chained_url_reads_through_an_embedded_engine_without_a_daemon(s3_server, objects, no_daemon):
+    fs, prefix, data = objects
+    path = f"{prefix}/data/part-3.bin"
+    with fsspec.open(f"igtcache::s3://{path}", "rb", s3=s3_server.storage_options()) as f:
+        assert f.read() == data[path]
+    igt = _fs(s3_server)
+    _exercise(igt, prefix, data)
+    engine = igt._engines[prefix.split("/")[0]]
+    assert engine.stats()["hits"] > 0
+    with pytest.raises(DaemonUnavailable, match="no igtcache daemon"):
+        _fs(s3_server, mode="attach").cat_file(path)
+
+
+def test_attaches_to_the_daemon_serving_the_path_and_tags_reads_with_the_job(s3_server, objects, daemon):
+    _fs3, prefix, data = objects
+    igt = _fs(s3_server, job="loader")
+    _exercise(igt, prefix, data)
+    stats = _daemon_stats(daemon)
+    assert stats["jobs"]["loader"]["reads"] > 10 and stats["hits"] > 0
+    assert igt._engines == {}  # nothing ran embedded
+    url = f"igtcache::s3://{prefix}/data/part-2.bin"
+    # fsspec caches filesystems by their arguments: a fresh one finds the daemon this test started.
+    with fsspec.open(url, "rb", s3=s3_server.storage_options(), igtcache={"skip_instance_cache": True}) as f:
+        assert f.read() == data[f"{prefix}/data/part-2.bin"]
+    assert _daemon_stats(daemon)["jobs"][str(os.getpid())]["reads"] == 1
+
+
+def test_paths_the_daemon_does_not_serve_run_embedded(s3_server, objects, daemon):
+    fs, prefix, data = objects
+    outside = prefix.rsplit("/", 1)[0] + "/elsewhere-" + prefix.rsplit("/", 1)[1] + ".bin"
+    fs.pipe_file(outside, b"not served by the daemon")
+    igt = _fs(s3_server)
+    before = _daemon_stats(daemon)["reads"]
+    assert igt.cat_file(outside) == b"not served by the daemon"
+    assert _daemon_stats(daemon)["reads"] == before
+    with pytest.raises(DaemonUnavailable, match="serves"):
+        _fs(s3_server, mode="attach").cat_file(outside)
+    fs.rm(outside)
+
+
+@pytest.mark.parametrize("attached", [True, False], ids=["attached", "embedded"])
+def test_writes_go_through_to_the_remote_and_drop_the_cached_blocks(s3_server, objects, request, attached):
+    fs3, prefix, data = objects
+    if attached:
+        request.getfixturevalue("daemon")
+    else:
+        request.getfixturevalue("no_daemon")
+    igt = _fs(s3_server, ttl=3600)
+    path = f"{prefix}/data/part-3.bin"
+    assert igt.cat_file(path) == data[path]
+    igt.pipe_file(path, b"new contents")
+    assert fs3.cat_file(path) == b"new contents" and igt.cat_file(path) == b"new contents"
+    with igt.open(path, "wb") as f:
+        f.write(b"written through")
+    assert igt.cat_file(path) == b"written through"
+    igt.rm_file(path)
+    assert not fs3.exists(path) and not igt.exists(path)
+
+
+def test_filesystem_pickles_by_its_arguments(s3_server, objects, daemon):
+    _fs3, prefix, data = objects
+    igt = _fs(s3_server, job="pickled")
+    path = f"{prefix}/data/part-2.bin"
+    assert igt.cat_file(path) == data[path]
+    clone = pickle.loads(pickle.dumps(igt))
+    assert clone.cat_file(path) == data[path] and clone.job == "pickled"
+
+
+class ShardDataset:
+    """Reads whole objects through an igtcache filesystem, as a map-style dataset."""
+
+    def __init__(self, fs, paths: list[str]) -> None:
+        self.fs = fs
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with self.fs.open(self.paths[index], "rb") as f:
+            return self.paths[index], f.read(), os.getpid()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_read_through_the_daemon(s3_server, objects, daemon, context):
+    torch_data = pytest.importorskip("torch.utils.data")
+    _fs3, prefix, data = objects
+    igt = _fs(s3_server)
+    paths = sorted(data) * 3
+    assert igt.cat_file(paths[0]) == data[paths[0]]  # the parent has connected before forking
+    loader = torch_data.DataLoader(ShardDataset(igt, paths), batch_size=None, num_workers=2,
+                                   multiprocessing_context=context)
+    seen = list(loader)
+    assert [path for path, _value, _pid in seen] == paths
+    assert all(value == data[path] for path, value, _pid in seen)
+    workers = {str(pid) for _path, _value, pid in seen}
+    assert len(workers) == 2 and workers <= set(_daemon_stats(daemon)["jobs"])
+
+
+def test_dataloader_fork_workers_run_their_own_embedded_engines(s3_server, objects, no_daemon):
+    torch_data = pytest.importorskip("torch.utils.data")
+    _fs3, prefix, data = objects
+    igt = _fs(s3_server)
+    paths = sorted(data) * 2
+    assert igt.cat_file(paths[1]) == data[paths[1]]  # an engine in the parent, inherited by the workers
+    loader = torch_data.DataLoader(ShardDataset(igt, paths), batch_size=None, num_workers=2,
+                                   multiprocessing_context="fork")
+    assert all(value == data[path] for path, value, _pid in loader)
+
+
+@pytest.mark.parametrize("attached", [True, False], ids=["attached", "embedded"])
+def test_pyarrow_reads_parquet_through_the_plugin(s3_server, s3, request, attached):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    fs3, prefix = s3
+    request.getfixturevalue("daemon" if attached else "no_daemon")
+    table = pa.table({"id": list(range(20000)), "name": [f"row-{i}" for i in range(20000)]})
+    path = f"{prefix}/table.parquet"
+    igt = _fs(s3_server)
+    pq.write_table(table, path, filesystem=igt, row_group_size=5000)  # written through to the remote
+    assert fs3.info(path)["size"] > 0
+    assert pq.read_table(path, filesystem=igt).equals(table)
+    assert pq.ParquetFile(igt.open(path, "rb")).read_row_group(2).equals(table.slice(10000, 5000))
