@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 
+# The FUSE mount needs fusermount3 (Debian package fuse3): installed only where it
+# is missing and we may (root, apt-get); elsewhere its tests skip, saying why.
 setup: $(VENV)/.installed
+	@command -v fusermount3 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; } \
+		|| echo "note: fuse3 is not installed; the FUSE tests will be skipped"
 
 # torch first and pinned: the local CPU wheel, not gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt

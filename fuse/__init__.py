@@ -1,1 +1,1 @@
-"""igtcache.fuse: see docs/architecture.md (not built yet)."""
+"""igtcache.fuse: the POSIX view of a remote through the cache (`igtcache mount`), on mfusepy and libfuse 3."""

@@ -11,6 +11,8 @@ import sys
 COMMANDS = {
     "demo": ("igtcache.demo", "a training-like job through the cache on a local S3 server (no cloud account)"),
     "bench": ("igtcache.cli", "benchmarks that print a figure next to a baseline from the same run"),
+    "mount": ("igtcache.fuse.cli", "mount a remote as a file system read through the cache (FUSE)"),
+    "unmount": ("igtcache.fuse.unmount", "unmount an igtcache mount, lazily if files are still open"),
     "serve": ("igtcache.daemon.serve", "run the node daemon: one cache shared by every job, on a Unix socket"),
     "stats": ("igtcache.stats_cmd", "what the daemon is doing: tiers, hit ratios, jobs, streams (--watch)"),
 }
@@ -20,6 +22,7 @@ BENCHMARKS = {
     "engine": "hit-path throughput of the memory and disk tiers next to a local file in page cache",
     "classify": "classifier accuracy at 32..1024 accesses, record() cost next to a dict update, tree memory",
     "daemon": "hit path and miss latency of the igtcache:: fsspec plugin, attached and embedded, vs local file and s3fs",
+    "fuse": "sequential 1 MiB and random 4 KiB reads through the FUSE mount on cached data, next to a local file",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
 }
