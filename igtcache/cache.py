@@ -116,6 +116,17 @@ class Cache:
         ``size=-1`` reads to the end. ``job`` tags the access (default: this
         process id); ``hint`` passes a pattern hint to the policy.
         """
+        return self._read(path, offset, size, job, hint, None)
+
+    def readinto(self, path: str, offset: int, buffer, *, job: str | None = None, hint: str | None = None) -> int:
+        """Read up to ``len(buffer)`` bytes at ``offset`` into a writable buffer; return how many.
+
+        Cached bytes are copied once, straight into ``buffer``.
+        """
+        out = memoryview(buffer).cast("B")
+        return self._read(path, offset, len(out), job, hint, out)
+
+    def _read(self, path, offset, size, job, hint, out: memoryview | None):
         self._check_open()
         if not isinstance(offset, int) or not isinstance(size, int):
             raise TypeError("offset and size must be integers")
@@ -128,7 +139,7 @@ class Cache:
             info = self._info(path, refresh=attempt > 0)
             length = info.size - offset if size == -1 else size
             try:
-                return self._read_blocks(info, offset, max(0, length), job, hint)
+                return self._read_blocks(info, offset, max(0, length), job, hint, out)
             except _ObjectChanged:
                 if attempt:
                     raise OSError(f"{path!r} on {self.remote.url} keeps changing while being read") from None
@@ -216,7 +227,9 @@ class Cache:
 
     # ------------------------------------------------------------------ reading
 
-    def _read_blocks(self, info: ObjectInfo, offset: int, size: int, job: str, hint: str | None) -> bytes:
+    def _read_blocks(self, info: ObjectInfo, offset: int, size: int, job: str, hint: str | None,
+                     out: memoryview | None) -> bytes | int:
+        """The read itself: bytes, or with ``out`` the count of bytes written there."""
         with self._lock:
             plan = self.residency.plan(
                 ts=time.monotonic(), job=job, path=info.path, version=info.version,
@@ -240,29 +253,31 @@ class Cache:
             pieces[index] = _slice(future.result(), *spans[index])
         self._start_prefetch(plan.access, info)
         if on_disk:
-            data, failed = self._join_with_disk(on_disk, pieces, spans)
+            data, failed = self._join_with_disk(on_disk, pieces, spans, out)
             if failed:
                 for key in failed:
                     pieces[key.index] = _slice(self._fetch(key, info, prefetched=False).result(), *spans[key.index])
                 missing += failed
-                data = _join([pieces[index] for index in sorted(pieces)])
+                data = _join([pieces[index] for index in sorted(pieces)], out)
         else:
-            data = _join([pieces[index] for index in sorted(pieces)])
-        if not data:
+            data = _join([pieces[index] for index in sorted(pieces)], out)
+        length = data if out is not None else len(data)
+        if not length:
             return data  # touched no block: neither a hit nor a miss
         from_remote = sum(spans[key.index][1] - spans[key.index][0] for key in missing)
         with self._lock:
             self.stats_counters.record_read(
-                job, hit=not missing, requested=len(data), from_cache=len(data) - from_remote,
+                job, hit=not missing, requested=length, from_cache=length - from_remote,
                 remote=sum(block_length(key.index, info.size, self.block_size) for key in missing),
             )
         return data
 
-    def _join_with_disk(self, keys, pieces, spans) -> tuple[bytes, list[BlockKey]]:
-        """Add disk-tier blocks to ``pieces`` and join them while their views are valid.
+    def _join_with_disk(self, keys, pieces, spans, out) -> tuple[bytes | int, list[BlockKey]]:
+        """Add disk-tier blocks to ``pieces`` and join them (into ``out`` if given)
+        while their views are valid.
 
-        Returns the joined bytes, or, where some blocks were missing or
-        corrupt, ``b""`` and those keys (with the good pieces copied out).
+        Returns the joined result, or, where some blocks were missing or
+        corrupt, nothing and those keys (with the good pieces copied out).
         """
         promote = self.memory.capacity > 0
         with self.disk.views(keys) as (views, corrupt):
@@ -277,7 +292,7 @@ class Cache:
                 else:
                     pieces[key.index] = view[slice(*spans[key.index])]
             if not corrupt and not lost:
-                return _join([pieces[index] for index in sorted(pieces)]), []
+                return _join([pieces[index] for index in sorted(pieces)], out), []
             for key in views:
                 pieces[key.index] = bytes(pieces[key.index])  # outlive the transaction
         for key in corrupt:
@@ -287,7 +302,7 @@ class Cache:
         self._drop_blocks(corrupt)
         for key in lost:
             self._lost(key)
-        return b"", corrupt + lost
+        return 0, corrupt + lost
 
     def _from_memory(self, key: BlockKey) -> bytes | None:
         """A resident block from the memory tier or a store in progress."""
@@ -486,8 +501,15 @@ def _slice(block: bytes, lo: int, hi: int) -> bytes | memoryview:
     return block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi]
 
 
-def _join(pieces: list[bytes | memoryview]) -> bytes:
-    """One ``bytes`` from the pieces, copying each byte at most once."""
+def _join(pieces: list[bytes | memoryview], out: memoryview | None = None) -> bytes | int:
+    """One ``bytes`` from the pieces, or, with ``out``, the pieces copied into it and
+    their total length; each byte is copied at most once."""
+    if out is not None:
+        position = 0
+        for piece in pieces:
+            out[position:position + len(piece)] = piece
+            position += len(piece)
+        return position
     if len(pieces) == 1 and isinstance(pieces[0], bytes):
         return pieces[0]
     return b"".join(pieces)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module with main(argv), one line of help)
@@ -23,6 +24,7 @@ BENCHMARKS = {
     "classify": "classifier accuracy at 32..1024 accesses, record() cost next to a dict update, tree memory",
     "daemon": "hit path and miss latency of the igtcache:: fsspec plugin, attached and embedded, vs local file and s3fs",
     "fuse": "sequential 1 MiB and random 4 KiB reads through the FUSE mount on cached data, next to a local file",
+    "lora": "multi-LoRA serving: dependency tree + cost model vs vLLM- and S-LoRA-style pools (KV hit, TTFT)",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
 }
@@ -53,6 +55,9 @@ def bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before numpy loads: the classifier's small arrays gain nothing from BLAS threads,
+    # which would otherwise spin beside the daemon's and the mount's own threads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.WARNING, format="igtcache: %(levelname)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -40,15 +40,20 @@ class ObjectInfo:
     fetched_at: float  # wall-clock time of the stat, for TTL revalidation
 
 
+def modification_time(info: dict[str, Any]) -> float | None:
+    """Seconds since the epoch of an fsspec info entry's last change, if it has one."""
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        return mtime.timestamp()
+    return float(mtime) if isinstance(mtime, (int, float)) else None
+
+
 def object_version(info: dict[str, Any]) -> str:
     """ETag where the remote has one, else size and modification time."""
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return str(etag).strip('"')
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return f"{info.get('size')}:{mtime}"
+    return f"{info.get('size')}:{modification_time(info)}"
 
 
 def normalize_path(path: str) -> str:
@@ -112,18 +117,19 @@ class Remote:
         """Stat one object. ``IsADirectoryError`` for a directory."""
         full = self.full_path(path)
         self.fs.invalidate_cache(full)  # revalidation must reach the remote, not fsspec's listing cache
-        info = self._retrying(path, lambda: self.fs.info(full))
+        info = self._call(path, lambda: self.fs.info(full), lambda: self.fs._info(full))
         if info.get("type") == "directory":
             raise IsADirectoryError(f"{path!r} is a directory on {self.url}")
         return ObjectInfo(path=normalize_path(path), size=int(info["size"]), version=object_version(info), fetched_at=time.time())
 
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        """List a directory: ``name`` (relative to the root), ``size``, ``type``."""
+        """List a directory: ``name`` (relative to the root), ``size``, ``type``, ``mtime`` (or ``None``)."""
         full = self.full_path(prefix)
         self.fs.invalidate_cache(full)
-        entries = self._retrying(prefix, lambda: self.fs.ls(full, detail=True))
+        entries = self._call(prefix, lambda: self.fs.ls(full, detail=True), lambda: self.fs._ls(full, detail=True))
         return [
-            {"name": self.relative(e["name"]), "size": int(e.get("size") or 0), "type": e.get("type", "file")}
+            {"name": self.relative(e["name"]), "size": int(e.get("size") or 0), "type": e.get("type", "file"),
+             "mtime": modification_time(e)}
             for e in entries
         ]
 
@@ -131,13 +137,20 @@ class Remote:
         """Start fetching bytes ``[start, end)`` of ``path``; a future of ``bytes``."""
         full = self.full_path(path)
         if self.is_async:
-            return asyncio.run_coroutine_threadsafe(self._fetch_async(path, full, start, end), self.fs.loop)
+            coro = self._retrying_async(path, lambda: self.fs._cat_file(full, start=start, end=end))
+            return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
         return self._pool.submit(self._retrying, path, lambda: self.fs.cat_file(full, start=start, end=end))
 
-    async def _fetch_async(self, path: str, full: str, start: int, end: int) -> bytes:
+    def _call(self, path: str, sync_call: Callable[[], Any], async_call: Callable[[], Any]) -> Any:
+        """One remote call with retries; on an async filesystem each attempt is bounded by ``timeout``."""
+        if self.is_async:
+            return asyncio.run_coroutine_threadsafe(self._retrying_async(path, async_call), self.fs.loop).result()
+        return self._retrying(path, sync_call)
+
+    async def _retrying_async(self, path: str, make_call: Callable[[], Any]) -> Any:
         for attempt in range(1, self.retries + 1):
             try:
-                return await asyncio.wait_for(self.fs._cat_file(full, start=start, end=end), self.timeout)
+                return await asyncio.wait_for(make_call(), self.timeout)
             except _PERMANENT:
                 raise
             except Exception as exc:  # noqa: BLE001 - every other failure is retried, then reported

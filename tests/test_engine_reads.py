@@ -74,3 +74,17 @@ def test_info_ls_and_invalidate(remote, tmp_path):
         assert cache.stats()["tiers"]["disk"]["blocks"] == 0
         assert cache.read("a/x") == b"x" * 10
         assert cache.stats()["remote_fetches"] == 2
+
+
+def test_readinto_fills_a_buffer_from_every_tier(tmp_path):
+    remote = file_remote(tmp_path)
+    data = random.Random(11).randbytes(3 * BLOCK + 10)
+    remote.put("f", data)
+    with Cache(**remote.cache_args(), cache_dir=tmp_path / "c", block_size=BLOCK,
+               memory_bytes=0, disk_bytes=8 * BLOCK) as cache:
+        for offset, length in [(5, BLOCK), (BLOCK - 3, 2 * BLOCK), (3 * BLOCK, 100)]:
+            for _ in range(2):  # first from the remote, then from the disk tier
+                buffer = bytearray(length)
+                count = cache.readinto("f", offset, buffer)
+                assert bytes(buffer[:count]) == data[offset:offset + length]
+        assert cache.stats()["hits"] == 3
