@@ -202,16 +202,26 @@ class Cache:
             out["streams"] = self.residency.streams.streams(limit=self.STATS_STREAMS)
             return out
 
+    def flush(self) -> None:
+        """Wait until every block fetched so far is stored (on disk, with a disk tier).
+
+        Reads return as soon as their blocks are placed, before the disk
+        write; what ``flush`` returns after survives ``kill -9``.
+        """
+        for future in list(self._inflight.values()):
+            try:
+                future.result(timeout=self.remote.timeout * self.remote.retries)
+            except Exception:  # noqa: BLE001 - a failed fetch stores nothing; its reader saw the error
+                pass
+        with self._store_lock:  # a block is handed over under this lock, before its disk write
+            pass
+
     def close(self) -> None:
-        """Finish in-flight stores and close the disk tier intact."""
+        """Finish in-flight fetches and stores and close the disk tier intact."""
         if self._closed:
             return
         self._closed = True
-        for future in list(self._inflight.values()):
-            try:
-                future.result(timeout=self.remote.timeout)
-            except Exception:  # noqa: BLE001 - a failed prefetch must not stop close()
-                pass
+        self.flush()
         self._store_pool.shutdown(wait=True)
         self.remote.close()
         if self.disk is not None:

@@ -104,6 +104,7 @@ def test_blocks_survive_kill_9(tmp_path):
                       block_size={BLOCK}, memory_bytes={BLOCK}, ttl=3600)
         for path in {list(objects)!r}:
             cache.read(path)
+        cache.flush()
         print("ready", flush=True)
         time.sleep(60)
     """)
