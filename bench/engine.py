@@ -24,6 +24,7 @@ from typing import Callable
 import fsspec
 
 from igtcache import Cache
+from igtcache.bench.files import write_random_file
 from igtcache.sizes import format_size, size_argument
 
 MiB = 1 << 20
@@ -49,9 +50,7 @@ def run(size: int, read_size: int, rounds: int) -> list[dict]:
         remote_dir = os.path.join(scratch, "remote")
         os.mkdir(remote_dir)
         local = os.path.join(remote_dir, "data.bin")
-        with open(local, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(os.urandom(MiB))
+        write_random_file(local, size)
         shifts = {"aligned": 0, "unaligned": read_size // 2}
         fd = os.open(local, os.O_RDONLY)
         try:

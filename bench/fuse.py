@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 
+from igtcache.bench.files import write_random_file
 from igtcache.sizes import format_size, size_argument
 
 MiB = 1 << 20
@@ -80,9 +81,7 @@ def run(size: int, rounds: int, random_reads: int, block_size: int, seed: int = 
         remote = os.path.join(scratch, "remote")
         os.mkdir(remote)
         local = os.path.join(remote, "data.bin")
-        with open(local, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(os.urandom(MiB))
+        write_random_file(local, size)
         mounts = {}
         try:
             for name, extra in {"buffered": [], "direct-io": ["--direct-io"]}.items():

@@ -192,6 +192,16 @@ class Preprocess(Scenario):
         return _merge(job(j) for j in range(self.jobs))
 
 
+def _epoch_orders(rng: random.Random, count: int, epochs: int) -> list[list[int]]:
+    """A fresh shuffle of ``range(count)`` for every epoch."""
+    orders = []
+    for _ in range(epochs):
+        order = list(range(count))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 @dataclass
 class ImageFolder(Scenario):
     """Small files read whole, reshuffled every epoch, split among ranks."""
@@ -210,11 +220,7 @@ class ImageFolder(Scenario):
         mu = math.log(self.mean_size) - sigma**2 / 2
         sizes = [min(max(1024, int(rng.lognormvariate(mu, sigma))), 16 * self.mean_size) for _ in range(self.files)]
         paths = [f"imagefolder/train/c{i % self.classes:04d}/img{i:07d}.jpg" for i in range(self.files)]
-        orders = []
-        for _ in range(self.epochs):
-            order = list(range(self.files))
-            rng.shuffle(order)
-            orders.append(order)
+        orders = _epoch_orders(rng, self.files, self.epochs)
         starts = self._starts(rng)
 
         def rank(j: int) -> Iterator[TraceRow]:
@@ -239,11 +245,7 @@ class Shards(Scenario):
     throughput: int = _size(200 * MB, "bytes per second per rank")
 
     def rows(self, rng: random.Random) -> Iterator[TraceRow]:
-        orders = []
-        for _ in range(self.epochs):
-            order = list(range(self.shards))
-            rng.shuffle(order)
-            orders.append(order)
+        orders = _epoch_orders(rng, self.shards, self.epochs)
         starts = self._starts(rng)
 
         def rank(j: int) -> Iterator[TraceRow]:

@@ -25,7 +25,7 @@ import fsspec
 from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.memory_tier import MemoryTier
 from igtcache.policies import BlockKey, Policy, make_policy
-from igtcache.remote import ObjectInfo, Remote, normalize_path
+from igtcache.remote import ObjectInfo, Remote, check_range, normalize_path
 from igtcache.residency import Residency, block_length
 from igtcache.stats import CacheStats
 
@@ -128,12 +128,7 @@ class Cache:
 
     def _read(self, path, offset, size, job, hint, out: memoryview | None):
         self._check_open()
-        if not isinstance(offset, int) or not isinstance(size, int):
-            raise TypeError("offset and size must be integers")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        if size < -1:
-            raise ValueError(f"size must be >= 0 (or -1 for 'to the end'), got {size}")
+        check_range(offset, size)
         job = str(os.getpid()) if job is None else str(job)
         for attempt in range(2):
             info = self._info(path, refresh=attempt > 0)

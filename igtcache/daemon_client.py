@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from igtcache.daemon.config import default_socket_path
+from igtcache.remote import check_range
 from igtcache.daemon.protocol import (
     ERROR, MAGIC, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS, OP_PREFETCH, OP_REMOTES,
     OP_STATS, RESPONSE, DaemonError, DaemonUnavailable, encode_json_request, encode_read, raise_error,
@@ -130,12 +131,7 @@ class DaemonClient:
     def read(self, path: str, offset: int = 0, size: int = -1, *,
              job: str | None = None, hint: str | None = None) -> bytes:
         """Bytes ``[offset, offset+size)`` of ``path``; fewer at end of object; ``size=-1`` to the end."""
-        if not isinstance(offset, int) or not isinstance(size, int):
-            raise TypeError("offset and size must be integers")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        if size < -1:
-            raise ValueError(f"size must be >= 0 (or -1 for 'to the end'), got {size}")
+        check_range(offset, size)
         if size == -1 or size > self._max_read():
             if size == -1:
                 size = max(0, self.info(path)["size"] - offset)

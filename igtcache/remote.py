@@ -56,6 +56,16 @@ def object_version(info: dict[str, Any]) -> str:
     return f"{info.get('size')}:{modification_time(info)}"
 
 
+def check_range(offset: int, size: int) -> None:
+    """Reject what no read can mean: non-integers, a negative offset, a size below -1 ("to the end")."""
+    if not isinstance(offset, int) or not isinstance(size, int):
+        raise TypeError("offset and size must be integers")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if size < -1:
+        raise ValueError(f"size must be >= 0 (or -1 for 'to the end'), got {size}")
+
+
 def normalize_path(path: str) -> str:
     """A relative path inside the remote root; ``ValueError`` if it escapes it."""
     if not isinstance(path, str):
@@ -151,27 +161,27 @@ class Remote:
         for attempt in range(1, self.retries + 1):
             try:
                 return await asyncio.wait_for(make_call(), self.timeout)
-            except _PERMANENT:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every other failure is retried, then reported
-                if attempt == self.retries:
-                    raise self._final_error(path, exc) from exc
-                log.debug("retrying %s after %r", path, exc)
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            except Exception as exc:  # noqa: BLE001 - sorted out by _backoff
+                await asyncio.sleep(self._backoff(path, exc, attempt))
         raise AssertionError("unreachable")
 
     def _retrying(self, path: str, call: Callable[[], Any]) -> Any:
         for attempt in range(1, self.retries + 1):
             try:
                 return call()
-            except _PERMANENT:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every other failure is retried, then reported
-                if attempt == self.retries:
-                    raise self._final_error(path, exc) from exc
-                log.debug("retrying %s after %r", path, exc)
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            except Exception as exc:  # noqa: BLE001 - sorted out by _backoff
+                time.sleep(self._backoff(path, exc, attempt))
         raise AssertionError("unreachable")
+
+    def _backoff(self, path: str, exc: Exception, attempt: int) -> float:
+        """Seconds to wait before the next attempt; raises what retrying cannot fix,
+        and the final error after the last attempt."""
+        if isinstance(exc, _PERMANENT):
+            raise exc
+        if attempt == self.retries:
+            raise self._final_error(path, exc) from exc
+        log.debug("retrying %s after %r", path, exc)
+        return self.backoff * 2 ** (attempt - 1)
 
     def _final_error(self, path: str, exc: BaseException) -> OSError:
         where = f"{path!r} on {self.url}"
