@@ -4,12 +4,13 @@ from .arc import ARC
 from .base import Access, BlockKey, Policy
 from .belady import Belady, FutureOracle
 from .fifo import FIFO
+from .igt import IGT
 from .lfu import LFU
 from .lru import LRU
 from .s3fifo import S3FIFO
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady)
+    cls.name: cls for cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady, IGT)
 }
 
 
@@ -23,6 +24,6 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 __all__ = [
-    "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle",
+    "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
     "POLICIES", "make_policy",
 ]
