@@ -68,7 +68,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         disk: str | int = "10GiB",
         block_size: str | int = "4MiB",
         ttl: float = 30.0,
-        policy: str = "lru",
+        policy: str = "igt",
         fo: str | None = None,  # the chained URL's path, which fsspec passes along; paths come with each call
         **kwargs,
     ) -> None:

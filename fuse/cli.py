@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from igtcache.policies import LIVE_POLICIES
 from igtcache.sizes import size_argument
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--memory", type=size_argument, default="512MiB", help="memory tier (default 512MiB)")
     cache.add_argument("--disk", type=size_argument, default="10GiB", help="disk tier (default 10GiB)")
     cache.add_argument("--block-size", type=size_argument, default="4MiB", help="cache block size (default 4MiB)")
-    cache.add_argument("--policy", default="lru", help="eviction policy (default lru)")
+    cache.add_argument("--policy", default="igt", choices=LIVE_POLICIES, help="eviction policy (default igt)")
     cache.add_argument("--retries", type=int, default=3, help="attempts per remote request (default 3)")
     cache.add_argument("--timeout", type=float, default=30.0, help="seconds per remote attempt (default 30)")
     cache.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",

@@ -68,7 +68,7 @@ class Cache:
         memory_bytes: int = 512 * MiB,
         disk_bytes: int = 10 * GiB,
         block_size: int = 4 * MiB,
-        policy: str | Policy = "lru",
+        policy: str | Policy = "igt",
         ttl: float = 30.0,
         retries: int = 3,
         timeout: float = 30.0,

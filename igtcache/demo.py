@@ -17,7 +17,7 @@ import time
 
 from igtcache import Cache
 from igtcache.local_s3 import LocalS3
-from igtcache.policies import POLICIES
+from igtcache.policies import LIVE_POLICIES
 from igtcache.sizes import format_size, size_argument
 
 BUCKET = "igtcache-demo"
@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--disk", type=size_argument, default="32MiB", help="disk tier (default 32MiB)")
     parser.add_argument("--block-size", type=size_argument, default="1MiB", help="cache block size (default 1MiB)")
     parser.add_argument("--read-size", type=size_argument, default="1MiB", help="bytes per read call (default 1MiB)")
-    parser.add_argument("--policy", default="lru", choices=sorted(n for n, cls in POLICIES.items() if not getattr(cls, "needs_oracle", False)), help="eviction policy (default lru)")
+    parser.add_argument("--policy", default="igt", choices=LIVE_POLICIES,
+                        help="eviction policy (default igt; try lru to compare)")
     parser.add_argument("--cache-dir", help="where the disk tier lives (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     return parser

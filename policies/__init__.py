@@ -14,6 +14,10 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+#: Policies a live cache can run (Belady needs the future, so only the replay has it).
+LIVE_POLICIES = sorted(name for name, cls in POLICIES.items() if not getattr(cls, "needs_oracle", False))
+
+
 def make_policy(name: str, capacity: int) -> Policy:
     """Build a registered policy by name (e.g. ``"lru"``)."""
     try:
@@ -25,5 +29,5 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 __all__ = [
     "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
-    "POLICIES", "make_policy",
+    "LIVE_POLICIES", "POLICIES", "make_policy",
 ]

@@ -60,7 +60,7 @@ class DaemonConfig:
     memory_bytes: int = 1 * GiB
     disk_bytes: int = 10 * GiB
     block_size: int = 4 * MiB
-    policy: str = "lru"
+    policy: str = "igt"
     ttl: float = 30.0
     max_read: int = 256 * MiB
     grace: float = 30.0

@@ -11,7 +11,7 @@ from igtcache.daemon.config import (
     DaemonConfig, default_cache_dir, default_socket_path, load_toml, parse_mode, parse_remote,
 )
 from igtcache.daemon.server import Daemon, StartError
-from igtcache.policies import POLICIES
+from igtcache.policies import LIVE_POLICIES
 from igtcache.sizes import size_argument
 
 DESCRIPTION = """\
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--disk", type=size_argument,
                         help="disk tier, split evenly between remotes (default 10GiB; 0 = memory only)")
     parser.add_argument("--block-size", type=size_argument, help="cache block size (default 4MiB)")
-    parser.add_argument("--policy", choices=sorted(POLICIES), help="eviction policy (default lru)")
+    parser.add_argument("--policy", choices=LIVE_POLICIES, help="eviction policy (default igt)")
     parser.add_argument("--ttl", type=float, help="seconds before an object's version is checked again (default 30)")
     parser.add_argument("--max-read", type=size_argument, help="largest read one request may ask for (default 256MiB)")
     parser.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (default 30)")
