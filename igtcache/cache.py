@@ -358,6 +358,10 @@ class Cache:
             if future is not None:
                 return future
             future = concurrent.futures.Future()
+            placed = self.memory.get(key) or self._pending.get(key)
+            if placed is not None:  # stored since the caller planned its read
+                future.set_result(placed)
+                return future
             self._inflight[key] = future
             if prefetched:
                 self.stats_counters.prefetch_issued += 1
