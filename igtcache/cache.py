@@ -22,6 +22,7 @@ from typing import Any
 
 import fsspec
 
+from igtcache.bench.trace import TraceRow, TraceWriter
 from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.memory_tier import MemoryTier
 from igtcache.policies import BlockKey, Policy, make_policy
@@ -54,6 +55,8 @@ class Cache:
     Metadata is revalidated against the remote after ``ttl`` seconds.
     ``policy`` is a registered name (``igtcache.policies.POLICIES``) or a
     ``Policy`` instance whose capacity fits the tier it governs.
+    ``trace_path`` records every read as a trace CSV (``igtcache bench
+    replay`` reads it), so a live run can be replayed against other policies.
     """
 
     STATS_STREAMS = 50  # most recently active streams listed by stats()
@@ -72,6 +75,7 @@ class Cache:
         ttl: float = 30.0,
         retries: int = 3,
         timeout: float = 30.0,
+        trace_path: str | os.PathLike | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -105,6 +109,9 @@ class Cache:
         self._store_pool = concurrent.futures.ThreadPoolExecutor(2, "igtcache-store")
         self._warned_disk_full = False
         self._closed = False
+        self._started = time.monotonic()
+        self._trace_file = open(trace_path, "w", newline="") if trace_path is not None else None
+        self._trace = TraceWriter(self._trace_file) if self._trace_file is not None else None
         if self.disk is not None:
             self._restore_from_disk()
 
@@ -219,6 +226,8 @@ class Cache:
         self.flush()
         self._store_pool.shutdown(wait=True)
         self.remote.close()
+        if self._trace_file is not None:
+            self._trace_file.close()
         if self.disk is not None:
             self.disk.close()
         if self._dir_lock is not None:
@@ -236,10 +245,14 @@ class Cache:
                      out: memoryview | None) -> bytes | int:
         """The read itself: bytes, or with ``out`` the count of bytes written there."""
         with self._lock:
+            ts = time.monotonic()
             plan = self.residency.plan(
-                ts=time.monotonic(), job=job, path=info.path, version=info.version,
+                ts=ts, job=job, path=info.path, version=info.version,
                 offset=offset, size=size, object_size=info.size, hint=hint,
             )
+            if self._trace is not None and plan.access.last_block >= plan.access.first_block:
+                self._trace.write(TraceRow(ts - self._started, job, info.path, offset,
+                                           min(size, info.size - offset), info.size))
         spans = _spans(offset, size, info.size, self.block_size)
         pieces: dict[int, bytes | memoryview] = {}
         on_disk: list[BlockKey] = []

@@ -97,3 +97,25 @@ def test_stats_list_the_streams_each_job_makes():
     ours = [s for s in streams if s["path"] == "data/big" and s["job"] == "scanner"]
     assert ours and ours[0]["label"] == "sequential"
     assert ours[0]["samples"] >= 8 and ours[0]["rate"] > 0
+
+
+def test_a_recorded_live_trace_replays_to_the_same_hits(tmp_path):
+    from igtcache.bench.replay import replay
+    from igtcache.bench.trace import load_trace
+
+    remote = memory_remote()
+    for i in range(6):
+        remote.put(f"d/f{i}", os.urandom(3 * BLOCK + 5))
+    trace = tmp_path / "live.csv"
+    rng = __import__("random").Random(3)
+    with Cache(**remote.cache_args(), block_size=BLOCK, memory_bytes=8 * BLOCK, policy="lru",
+               trace_path=trace) as cache:
+        for _ in range(300):
+            path = f"d/f{rng.randrange(6)}"
+            cache.read(path, rng.randrange(3 * BLOCK), rng.randrange(1, BLOCK), job=f"j{rng.randrange(2)}")
+        live = cache.stats()
+    rows = load_trace(trace)
+    assert len(rows) == 300
+    replayed = replay(rows, "lru", 8 * BLOCK, block_size=BLOCK, latency_s=0.0, bandwidth_Bps=1e12)
+    assert replayed["hit_ratio"] == live["hit_ratio"]
+    assert replayed["byte_hit_ratio"] == live["byte_hit_ratio"]
