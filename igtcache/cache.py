@@ -110,7 +110,8 @@ class Cache:
         self._warned_disk_full = False
         self._closed = False
         self._started = time.monotonic()
-        self._trace_file = open(trace_path, "w", newline="") if trace_path is not None else None
+        # Line-buffered: a trace must keep every read up to a crash.
+        self._trace_file = open(trace_path, "w", newline="", buffering=1) if trace_path is not None else None
         self._trace = TraceWriter(self._trace_file) if self._trace_file is not None else None
         if self.disk is not None:
             self._restore_from_disk()

@@ -478,3 +478,22 @@ def test_daemon_benchmark_reports_every_path(capsys):
     assert all(r["rate"] > 0 for r in results["hits"])
     assert {r["path"] for r in results["misses"]} == {"s3fs alone", "attached", "embedded"}
     assert results["daemon_remote_bytes"] == 2 * (8 << 20)  # the cold object once, the hot one once: every hit hit
+
+
+def test_trace_dir_records_every_read_for_the_replay(s3_server, tmp_path):
+    from igtcache.bench.trace import load_trace
+
+    fs = s3_server.filesystem()
+    root = f"{BUCKET}/traced-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(f"{root}/x.bin", b"x" * (3 * BLOCK))
+    args = ["--remote", f"t=s3://{root}", "--storage-options", json.dumps(s3_server.storage_options()),
+            "--disk", "0", "--memory", "16MiB", "--block-size", str(BLOCK), "--trace-dir", str(tmp_path / "traces")]
+    with DaemonProcess(tmp_path / "t.sock", args) as daemon:
+        with DaemonClient(daemon.socket_path, "t", job="j1") as client:
+            for offset in (0, BLOCK, 2 * BLOCK):
+                client.read("x.bin", offset, 100)
+        daemon.kill()  # the rows are on disk as they are read, not only after a clean stop
+    rows = load_trace(tmp_path / "traces" / "t.csv")
+    assert [(r.job, r.path, r.offset, r.size, r.object_size) for r in rows] == [
+        ("j1", "x.bin", offset, 100, 3 * BLOCK) for offset in (0, BLOCK, 2 * BLOCK)
+    ]

@@ -66,6 +66,7 @@ class DaemonConfig:
     grace: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    trace_dir: str | None = None  # each remote's reads recorded as TRACE_DIR/NAME.csv
 
     def __post_init__(self) -> None:
         if not self.remotes:
@@ -92,6 +93,9 @@ class DaemonConfig:
             unnamed = sum(1 for r in self.remotes if getattr(r, attr) is None)
             shares.append(max(0, total - claimed) // unnamed)
         return shares[0], shares[1]
+
+    def remote_trace_path(self, remote: RemoteConfig) -> str | None:
+        return None if self.trace_dir is None else os.path.join(self.trace_dir, f"{remote.name}.csv")
 
     def remote_cache_dir(self, remote: RemoteConfig) -> str | None:
         if self.cache_dir is None or self.tier_sizes(remote)[1] == 0:

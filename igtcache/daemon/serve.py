@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (default 30)")
     parser.add_argument("--metrics-port", type=int, help="also serve /metrics over TCP on this port (default: off)")
     parser.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    parser.add_argument("--trace-dir", metavar="DIR",
+                        help="record every read as a trace, DIR/NAME.csv per remote, for `igtcache bench replay`")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info")
     return parser
@@ -100,6 +102,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         "cache_dir": args.cache_dir, "memory_bytes": args.memory, "disk_bytes": args.disk,
         "block_size": args.block_size, "policy": args.policy, "ttl": args.ttl, "max_read": args.max_read,
         "grace": args.grace, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
+        "trace_dir": args.trace_dir,
     }
     settings.update({key: value for key, value in options.items() if value is not None})
     if args.socket_group and args.socket_mode is None and "socket_mode" not in settings:

@@ -126,13 +126,15 @@ class Daemon:
         cfg = self.config
         caches: dict[str, Cache] = {}
         try:
+            if cfg.trace_dir is not None:
+                os.makedirs(cfg.trace_dir, exist_ok=True)
             for remote in cfg.remotes:
                 memory, disk = cfg.tier_sizes(remote)
                 cache_dir = cfg.remote_cache_dir(remote)
                 caches[remote.name] = Cache(
                     remote.url, storage_options=remote.storage_options, cache_dir=cache_dir,
                     memory_bytes=memory, disk_bytes=disk, block_size=cfg.block_size,
-                    policy=cfg.policy, ttl=cfg.ttl,
+                    policy=cfg.policy, ttl=cfg.ttl, trace_path=cfg.remote_trace_path(remote),
                 )
                 where = f"disk {format_size(disk)} at {cache_dir}" if cache_dir else "no disk tier"
                 log.info("serving %s as %r: memory %s, %s", remote.url, remote.name, format_size(memory), where)
