@@ -27,6 +27,7 @@ BENCHMARKS = {
     "lora": "multi-LoRA serving: dependency tree + cost model vs vLLM- and S-LoRA-style pools (KV hit, TTFT)",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
+    "e2e": "job completion time of a scenario's concurrent jobs reading from S3 via a shaping proxy, per contender",
 }
 
 
