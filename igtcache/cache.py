@@ -27,7 +27,7 @@ from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.memory_tier import MemoryTier
 from igtcache.policies import BlockKey, Policy, make_policy
 from igtcache.remote import ObjectInfo, Remote, check_range, normalize_path
-from igtcache.residency import Residency, block_length
+from igtcache.residency import Residency, block_length, block_span
 from igtcache.stats import CacheStats
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,9 @@ class Cache:
     def prefetch(self, path: str, offset: int = 0, size: int = -1) -> int:
         """Start fetching a range in the background; returns the number of blocks started."""
         self._check_open()
-        if offset < 0 or size < -1:
-            raise ValueError(f"bad range: offset={offset}, size={size}")
+        check_range(offset, size)
         info = self._info(path)
-        end = info.size if size == -1 else min(info.size, offset + size)
-        first, last = offset // self.block_size, (end - 1) // self.block_size
+        first, last = block_span(offset, info.size - offset if size == -1 else size, info.size, self.block_size)
         keys = [BlockKey(info.path, info.version, i) for i in range(first, last + 1)]
         with self._lock:
             keys = [k for k in keys if k not in self.policy]
@@ -277,9 +275,9 @@ class Cache:
                 for key in failed:
                     pieces[key.index] = _slice(self._fetch(key, info, prefetched=False).result(), *spans[key.index])
                 missing += failed
-                data = _join([pieces[index] for index in sorted(pieces)], out)
+                data = _join(pieces, out)
         else:
-            data = _join([pieces[index] for index in sorted(pieces)], out)
+            data = _join(pieces, out)
         length = data if out is not None else len(data)
         if not length:
             return data  # touched no block: neither a hit nor a miss
@@ -311,7 +309,7 @@ class Cache:
                 else:
                     pieces[key.index] = view[slice(*spans[key.index])]
             if not corrupt and not lost:
-                return _join([pieces[index] for index in sorted(pieces)], out), []
+                return _join(pieces, out), []
             for key in views:
                 pieces[key.index] = bytes(pieces[key.index])  # outlive the transaction
         for key in corrupt:
@@ -524,9 +522,10 @@ def _slice(block: bytes, lo: int, hi: int) -> bytes | memoryview:
     return block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi]
 
 
-def _join(pieces: list[bytes | memoryview], out: memoryview | None = None) -> bytes | int:
-    """One ``bytes`` from the pieces, or, with ``out``, the pieces copied into it and
-    their total length; each byte is copied at most once."""
+def _join(blocks: dict[int, bytes | memoryview], out: memoryview | None = None) -> bytes | int:
+    """One ``bytes`` from the pieces in block order, or, with ``out``, the pieces
+    copied into it and their total length; each byte is copied at most once."""
+    pieces = [blocks[index] for index in sorted(blocks)]
     if out is not None:
         position = 0
         for piece in pieces:
