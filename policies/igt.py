@@ -34,6 +34,7 @@ Values are refreshed every few hundred reads (:meth:`IGT._rebalance`).
 from __future__ import annotations
 
 import heapq
+import os as _os
 import itertools
 import math
 from collections import OrderedDict
@@ -44,13 +45,15 @@ from igtcache.patterns import Pattern
 from .arc import ARC
 from .base import Access, BlockKey, Policy
 from .igt_readahead import Reader, Readahead
-from .igt_streams import Clock, History, Stream
+from .igt_streams import Clock, History, Stream, silent
 
 #: Shortest aging period (ticks); it also grows with the resident blocks.
 MIN_AGING_PERIOD = 1024
 AGING_PER_BLOCK = 8
-#: Values are refreshed at least every this many reads (more with many streams).
-REBALANCE_EVERY = 256
+#: Values are refreshed at least every this many reads (more with many streams);
+#: early on after 16, 32, 64 ... reads, so a short run is not valued at zero.
+REBALANCE_EVERY = 64
+FIRST_REBALANCE = 16
 #: History size: at least this many blocks, and this many per block of capacity.
 HISTORY_MIN = 65_536
 HISTORY_PER_BLOCK = 4
@@ -143,12 +146,13 @@ class IGT(Policy):
         self._pool_value = 0.0
         self._pool_hits = 0.0  # decayed reads of blocks in the pool
         self._pool_hits_epoch = 0
+        self._pool_hit_tick = 0
         self._uheap: list[tuple[float, int, Stream]] = []  # uniform streams by value
         self._sheap: list[tuple[float, int, Hashable]] = []  # skewed blocks by log2 value + epoch
         self._skew: dict[Hashable, tuple[float, int]] = {}
         self._seq = itertools.count()
         self._readahead = Readahead(MAX_DEPTH)
-        self._next_rebalance = REBALANCE_EVERY
+        self._next_rebalance = FIRST_REBALANCE
         self._orphans = Stream(None, Pattern.UNKNOWN, self._clock)
         self._block_size = 0
         self._incoming: tuple[_Resident, Reader | None, bool] | None = None  # insert() -> _on_insert()
@@ -223,16 +227,18 @@ class IGT(Policy):
         best = self._min_class()
         if best is None:
             return False  # everything resident is protected
-        _, place, holder = best
+        value, place, holder = best
         stream = seen.owner
         kind = _class_of(stream.label)
+        if kind == _UNIFORM and place == _UNIFORM and holder is stream:
+            return False  # a stable subset: no block of the stream is worth more than another
+        if (holder.low if place == _UNIFORM else value) <= 0.0 and not _os.environ.get('NOESTAB'):
+            return True  # the victim's worth is not established: the newer block wins, as in LRU
         if kind == _POOL:
             if place == _POOL:
                 return True  # ARC decides among its own blocks
             low = self._pool_value
         elif kind == _UNIFORM:
-            if place == _UNIFORM and holder is stream:
-                return False  # a stable subset: no block of the stream is worth more than another
             low = stream.low
         else:
             low = self._clock.now(seen.count, seen.epoch) / seen.size / max(self._clock.exposure, 1.0)
@@ -349,6 +355,7 @@ class IGT(Policy):
             elif hint in _HINTS:
                 label = _HINTS[hint]
         reader.stream = self._stream(stream_key, label)
+        reader.stream.read(self._clock)
         return reader
 
     def _level(self, access: Access) -> tuple[Hashable, Pattern]:
@@ -397,7 +404,6 @@ class IGT(Policy):
         if stream is None:
             stream = self._streams[key] = Stream(key, label, self._clock)
         stream.label = label
-        stream.last_tick = self._clock.tick
         return stream
 
     def _live(self, stream: Stream) -> Stream:
@@ -420,6 +426,7 @@ class IGT(Policy):
             clock = self._clock
             self._pool_hits = clock.now(self._pool_hits, self._pool_hits_epoch) + 1.0
             self._pool_hits_epoch = clock.epoch
+            self._pool_hit_tick = clock.tick
         if blk.place == _PROTECTED:
             self._unplace(key, blk)
             self._place(key, blk, stream)
@@ -443,6 +450,7 @@ class IGT(Policy):
             if len(stream.blocks) == 1:
                 self._uniform_push(stream)
         elif place == _SKEWED:
+            stream.skewed += 1
             self._skew_push(key, blk)
         else:
             self._pool.insert(key, blk.size)
@@ -458,6 +466,7 @@ class IGT(Policy):
             blk.stream.resident -= blk.size
         elif place == _SKEWED:
             del self._skew[key]
+            blk.stream.skewed -= 1
         elif place == _POOL:
             self._pool.remove(key)
         blk.place = -1
@@ -504,6 +513,13 @@ class IGT(Policy):
             self._sheap = [(p, s, k) for k, (p, s) in self._skew.items()]
             heapq.heapify(self._sheap)
 
+    def _demote(self, stream: Stream) -> None:
+        """An idle stream's frequent blocks are worth nothing now (until read again)."""
+        for key, (_, seq) in list(self._skew.items()):
+            if self._blocks[key].stream is stream:
+                self._skew[key] = entry = (-math.inf, seq)
+                heapq.heappush(self._sheap, (*entry, key))
+
     def _min_class(self) -> tuple[float, int, object] | None:
         """The lowest-valued class with an evictable block: ``(value, place, stream or key)``."""
         best = None
@@ -520,11 +536,11 @@ class IGT(Policy):
             entry = self._skew.get(key)
             if entry is not None and entry[1] == seq:
                 value = 2.0 ** (prio - clock.epoch) / max(clock.exposure, 1.0)
-                if best is None or value < best[0]:
+                if best is None or value <= best[0]:  # ties: a stream's stable subset stays
                     best = (value, _SKEWED, key)
                 break
             heapq.heappop(sheap)
-        if len(self._pool) and (best is None or self._pool_value < best[0]):
+        if len(self._pool) and (best is None or self._pool_value <= best[0]):
             best = (self._pool_value, _POOL, None)
         return best
 
@@ -534,20 +550,23 @@ class IGT(Policy):
         """Refresh stream values and forget idle readers, stale protections and requests."""
         clock = self._clock
         tick = clock.tick
-        self._next_rebalance = tick + max(REBALANCE_EVERY, len(self._streams))
+        self._next_rebalance = tick + min(max(REBALANCE_EVERY, len(self._streams)), tick)
         for key, stream in list(self._streams.items()):
             if not stream.blocks and stream.footprint <= 0 and tick - stream.last_tick > READER_IDLE:
                 stream.dead = True
                 del self._streams[key]
                 continue
-            old = stream.value
+            old, was_idle = stream.value, stream.idle
             stream.estimate(clock, SEQ_DISCOUNT if stream.label is Pattern.SEQUENTIAL else 1.0)
             if stream.value != old and stream.blocks:
                 self._uniform_push(stream)
+            if stream.idle and not was_idle and stream.skewed and not _os.environ.get('NODEMOTE'):
+                self._demote(stream)
         # The pool holds blocks of streams with no label (or no label yet): it
-        # is worth what it earns, its hits per byte.
-        hits = clock.now(self._pool_hits, self._pool_hits_epoch)
-        self._pool_value = hits / max(clock.exposure, 1.0) / max(self._pool.used, 1)
+        # is worth what it earns, its hits per byte, and nothing once it has gone idle.
+        hits, exposure = clock.now(self._pool_hits, self._pool_hits_epoch), max(clock.exposure, 1.0)
+        idle = silent(hits, exposure, tick - self._pool_hit_tick)
+        self._pool_value = 0.0 if idle else hits / exposure / max(self._pool.used, 1)
 
         readers = self._readers
         while readers:

@@ -19,6 +19,8 @@ from igtcache.patterns import Pattern
 
 #: Width of the confidence band on a stream's reuse count, in standard deviations.
 Z = 2.0
+#: Chance of calling an active stream idle over its lifetime (Poisson silences, Bonferroni).
+IDLE_ALPHA = 0.01
 
 
 class Clock:
@@ -50,6 +52,17 @@ class Clock:
         return ldexp(count, epoch - self.epoch)
 
 
+def silent(reads: float, exposure: float, gap: int) -> bool:
+    """Whether ``gap`` ticks without a read mean a stream of ``reads`` in ``exposure`` ticks has stopped.
+
+    At a Poisson rate ``r`` a silence of ``gap`` ticks has probability
+    ``exp(-r * gap)``; a stream is tested again and again, so it is called
+    idle only when the longest of its ``reads`` silences would be that long
+    with probability below ``IDLE_ALPHA``.
+    """
+    return reads / exposure * gap > math.log(max(reads, 1.0) / IDLE_ALPHA)
+
+
 class Stream:
     """One access stream at the granularity the tree chose: a (level path, region).
 
@@ -62,23 +75,34 @@ class Stream:
     sequential or random (least recently used first).
     """
 
-    __slots__ = ("key", "label", "reuse", "reuse_epoch", "born", "born_epoch", "footprint",
-                 "value", "low", "high", "blocks", "resident", "heap_seq", "last_tick", "dead")
+    __slots__ = ("key", "label", "reuse", "reuse_epoch", "reads", "reads_epoch", "born", "born_epoch",
+                 "footprint", "value", "low", "high", "idle", "blocks", "resident", "skewed", "heap_seq",
+                 "last_tick", "dead")
 
     def __init__(self, key: Hashable, label: Pattern, clock: Clock) -> None:
         self.key = key
         self.label = label
         self.reuse = 0.0
         self.reuse_epoch = clock.epoch
+        self.reads = 0.0
+        self.reads_epoch = clock.epoch
         self.born = clock.exposure
         self.born_epoch = clock.epoch
         self.footprint = 0
         self.value = self.low = self.high = 0.0
+        self.idle = False
         self.blocks: OrderedDict[Hashable, None] = OrderedDict()
         self.resident = 0  # bytes in ``blocks``
+        self.skewed = 0  # resident blocks kept by frequency (the skewed class)
         self.heap_seq = -1
         self.last_tick = clock.tick
         self.dead = False  # dropped from the policy's table; holders look it up again
+
+    def read(self, clock: Clock) -> None:
+        """One more read of the stream, now."""
+        self.reads = clock.now(self.reads, self.reads_epoch) + 1.0
+        self.reads_epoch = clock.epoch
+        self.last_tick = clock.tick
 
     def reused(self, clock: Clock) -> None:
         """A read that an unbounded cache would have served."""
@@ -92,8 +116,16 @@ class Stream:
         (plus one at the top, so a stream never seen reusing is not
         certainly worthless). Streams whose values differ by noise only
         thereby never displace each other's blocks.
+
+        An idle stream is worth nothing: one whose silence since its last
+        read would be improbable (Poisson, p < 0.01) at its own read rate
+        has ended or paused, whatever it earned before (a job that finished).
         """
         exposure = max(clock.exposure - clock.now(self.born, self.born_epoch), 1.0)
+        self.idle = silent(clock.now(self.reads, self.reads_epoch), exposure, clock.tick - self.last_tick)
+        if self.idle:
+            self.value = self.low = self.high = 0.0
+            return
         count = clock.now(self.reuse, self.reuse_epoch)
         scale = weight / exposure / max(self.footprint, self.resident, 1)
         margin = Z * math.sqrt(count)

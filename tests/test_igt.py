@@ -166,6 +166,30 @@ def test_shifted_hot_set_is_taken_over_within_bounded_accesses():
     assert hit_ratio_after("lfu", shift + bound, total) < 0.3
 
 
+def test_a_finished_jobs_hot_set_gives_way_to_a_running_job():
+    """A short inference job reads hot adapters while a training job starts 2 shuffled epochs over 3x the cache.
+
+    The adapters must be kept while they are read (a short run is valued
+    from its first reads), and given up once their job has gone quiet, so
+    that the training job enters its second epoch with the whole cache.
+    """
+    rng = random.Random(7)
+    adapter, sample, files = 2 * MiB, 128 * KiB, 480
+    epochs = [rng.sample(range(files), files) for _ in range(2)]
+    weights = list(itertools.accumulate((r + 1) ** -1.1 for r in range(8)))
+    hot = rng.choices(range(8), cum_weights=weights, k=150)
+    rows = []
+    for n, f in enumerate(itertools.chain(*epochs)):
+        rows.append(TraceRow(len(rows) * 1e-3, "train", f"train/{f:05d}.bin", 0, sample, sample))
+        if n < len(hot):
+            rows.append(TraceRow(len(rows) * 1e-3, "hot", f"adapters/{hot[n]:05d}.bin", 0, adapter, adapter))
+    capacity, block = 20 * MiB, 1 * MiB  # the adapters take 16 MiB, the dataset 60 MiB
+    results = run(rows, ["igt-noreadahead", "lru"], capacity, block)
+    assert results["igt-noreadahead"]["jobs"]["hot"]["hit_ratio"] >= results["lru"]["jobs"]["hot"]["hit_ratio"]
+    second_epoch = hit_ratio_from(rows, "igt-noreadahead", capacity, block, len(rows) - files, "train")
+    assert second_epoch >= 0.8 * capacity / (files * sample)
+
+
 def test_sequential_scans_are_prefetched_with_little_waste():
     """One-pass scans at 1 GB/s over a 20 ms remote: nearly every read hits."""
     block = 1 * MiB
