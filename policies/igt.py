@@ -34,7 +34,6 @@ Values are refreshed every few hundred reads (:meth:`IGT._rebalance`).
 from __future__ import annotations
 
 import heapq
-import os as _os
 import itertools
 import math
 from collections import OrderedDict
@@ -232,7 +231,7 @@ class IGT(Policy):
         kind = _class_of(stream.label)
         if kind == _UNIFORM and place == _UNIFORM and holder is stream:
             return False  # a stable subset: no block of the stream is worth more than another
-        if (holder.low if place == _UNIFORM else value) <= 0.0 and not _os.environ.get('NOESTAB'):
+        if (holder.low if place == _UNIFORM else value) <= 0.0:
             return True  # the victim's worth is not established: the newer block wins, as in LRU
         if kind == _POOL:
             if place == _POOL:
@@ -560,7 +559,7 @@ class IGT(Policy):
             stream.estimate(clock, SEQ_DISCOUNT if stream.label is Pattern.SEQUENTIAL else 1.0)
             if stream.value != old and stream.blocks:
                 self._uniform_push(stream)
-            if stream.idle and not was_idle and stream.skewed and not _os.environ.get('NODEMOTE'):
+            if stream.idle and not was_idle and stream.skewed:
                 self._demote(stream)
         # The pool holds blocks of streams with no label (or no label yet): it
         # is worth what it earns, its hits per byte, and nothing once it has gone idle.
