@@ -141,9 +141,15 @@ def run_contender(contender: str, scenario: Scenario, crcs: dict[str, int], prox
             daemon.stop()  # closes the trace
             replayed = replay(load_trace(trace_dir / "data.csv"), policy, capacity, BLOCK_SIZE,
                               proxy.latency_s, proxy.bandwidth_Bps)
-            out["live"] = {k: live[k] for k in ("reads", "hit_ratio", "byte_hit_ratio")}
-            out["replayed"] = {k: replayed[k] for k in ("reads", "hit_ratio", "byte_hit_ratio")}
+            out["live"], out["replayed"] = _ratios(live), _ratios(replayed)
         return out
+
+
+def _ratios(counts: dict) -> dict:
+    """Reads and hit ratios, overall and per job, of a cache's stats or a replay's result."""
+    keys = ("reads", "hit_ratio", "byte_hit_ratio")
+    return {**{k: counts[k] for k in keys},
+            "jobs": {job: {k: c[k] for k in keys} for job, c in sorted(counts["jobs"].items())}}
 
 
 def _run_jobs(contender: str, scenario: Scenario, crcs: dict[str, int], proxy: ShapingProxy,
@@ -234,6 +240,11 @@ def format_table(results: list[dict], summary: dict) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                      for row in lines)
+    for r in results:
+        if "live" in r:
+            text += f"\n{r['contender']} hit live / replayed per job: " + ", ".join(
+                f"{job} {live['hit_ratio']:.3f} / {r['replayed']['jobs'][job]['hit_ratio']:.3f}"
+                for job, live in r["live"]["jobs"].items())
     if "igt_vs_best_fsspec" in summary:
         text += f"\nIGT / best fsspec cache makespan: {summary['igt_vs_best_fsspec']:.2f} (target <= 0.6)"
     if "igt_vs_lru" in summary:

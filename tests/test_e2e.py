@@ -42,6 +42,7 @@ def test_tiny_mix_runs_every_contender_with_correct_reads(tmp_path):
             assert result["replayed"]["reads"] == result["live"]["reads"]
             for ratios in (result["live"], result["replayed"]):
                 assert 0 <= ratios["hit_ratio"] <= 1
+                assert set(ratios["jobs"]) == set(scenario.jobs)
     assert set(report["summary"]) == {"igt_vs_best_fsspec", "igt_vs_lru", "jobs_igt_vs_lru"}
     assert plot.stat().st_size > 0
 
