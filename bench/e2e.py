@@ -11,12 +11,17 @@ the same capacity (``--capacity``, a fraction of the data set):
   caches are per process), each kept to capacity / jobs by dropping its least
   recently read files (fsspec itself never evicts);
 - ``igtcache-lru`` / ``igtcache-igt``: one igtcache daemon shared by every job
-  (memory tier of the full capacity), jobs reading through the fsspec plugin.
+  (memory tier of the full capacity), jobs reading through the fsspec plugin;
+- ``igtcache-igt-fuse``: the same daemon, with the training job reading plain
+  files through ``igtcache mount`` attached to it (the kernel's page cache
+  dropped before each file, so that only the cache's capacity counts).
 
 Every read's bytes are checked against the generated data. For the igtcache
 contenders the daemon records its live access trace (``--trace-dir``), replayed with
 ``bench/replay.py`` at the same capacity, so live and replayed hit ratios
-can be compared on every run.
+can be compared on every run. The replay's per-fetch latency is the one the
+daemon measured (its mean fetch time less the transfer at the proxy's
+bandwidth), not the proxy's alone: the server and the clients add their own.
 """
 
 from __future__ import annotations
@@ -36,16 +41,18 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from igtcache.bench.e2e_jobs import CONTENDERS, JobSpec, run_job
+from igtcache.bench.e2e_jobs import CONTENDERS, FUSE_JOB, JobSpec, run_job
 from igtcache.bench.replay import replay
 from igtcache.bench.shaping_proxy import DEFAULT_BANDWIDTH_BPS, DEFAULT_LATENCY_S, ShapingProxy
 from igtcache.bench.trace import load_trace
 from igtcache.daemon.process import DaemonProcess
 from igtcache.daemon_client import DaemonClient
+from igtcache.fuse.available import fuse_unusable
 
 KiB, MiB = 1 << 10, 1 << 20
 BUCKET = "igtcache-e2e"
 BLOCK_SIZE = 1 * MiB
+REMOTE_NAME = "data"  # the bucket's name on the daemon
 
 # The mix: a training job reading a shuffled image folder for some epochs, a job
 # re-reading a hot set of adapter files with Zipf popularity, and a preprocessing
@@ -55,6 +62,8 @@ SCALES = {
                  scan_files=3, scan_size=512 * KiB, chunk=128 * KiB),
     "small": dict(train_files=320, train_size=128 * KiB, epochs=2, hot_files=8, hot_size=2 * MiB, hot_reads=150,
                   scan_files=6, scan_size=8 * MiB, chunk=1 * MiB),
+    "medium": dict(train_files=768, train_size=128 * KiB, epochs=4, hot_files=16, hot_size=2 * MiB, hot_reads=600,
+                   scan_files=24, scan_size=8 * MiB, chunk=1 * MiB),
 }
 
 
@@ -128,32 +137,63 @@ def run_contender(contender: str, scenario: Scenario, crcs: dict[str, int], prox
         if policy:
             storage = {"key": "testing", "secret": "testing",
                        "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
-            args = ["--remote", f"data=s3://{BUCKET}", "--storage-options", json.dumps(storage),
+            args = ["--remote", f"{REMOTE_NAME}=s3://{BUCKET}", "--storage-options", json.dumps(storage),
                     "--trace-dir", str(trace_dir),
                     "--memory", str(capacity), "--disk", "0", "--block-size", str(BLOCK_SIZE),
                     "--policy", policy, "--log-level", "warning"]
             daemon = stack.enter_context(DaemonProcess(socket_path, args))
-        jobs = _run_jobs(contender, scenario, crcs, proxy, capacity, workdir, socket_path)
+        mountpoint = _mount(stack, workdir, socket_path) if contender.endswith("-fuse") else None
+        jobs = _run_jobs(contender, scenario, crcs, proxy, capacity, workdir, socket_path, mountpoint)
         out = {"contender": contender, "jobs": jobs, "makespan_s": max(j["seconds"] for j in jobs.values())}
         if policy:
             with DaemonClient(socket_path) as client:
                 live = client.stats()
-            daemon.stop()  # closes the trace
+            stack.close()  # unmounts, then stops the daemon, which closes the trace
+            latency = _fetch_latency(live, proxy)
             replayed = replay(load_trace(trace_dir / "data.csv"), policy, capacity, BLOCK_SIZE,
-                              proxy.latency_s, proxy.bandwidth_Bps)
-            out["live"], out["replayed"] = _ratios(live), _ratios(replayed)
+                              latency, proxy.bandwidth_Bps)
+            names = {str(job["pid"]): name for name, job in jobs.items()}  # the mount's job ids are pids
+            out["live"], out["replayed"] = _ratios(live, names), _ratios(replayed, names)
+            out["replayed"]["latency_s"] = latency
         return out
 
 
-def _ratios(counts: dict) -> dict:
-    """Reads and hit ratios, overall and per job, of a cache's stats or a replay's result."""
+def _fetch_latency(live: dict, proxy: ShapingProxy) -> float:
+    """The per-fetch latency the replay should model: the daemon's mean fetch time less the transfer.
+
+    The proxy's latency alone leaves out the server's, the client's and the
+    daemon's own time per request; a replay with it has prefetches arrive
+    sooner than they did.
+    """
+    fetches = live["remote_fetches"]
+    if not fetches:
+        return proxy.latency_s
+    transfer = live["remote_bytes"] / fetches / proxy.bandwidth_Bps
+    return max(proxy.latency_s, live["remote_seconds"] / fetches - transfer)
+
+
+def _mount(stack: contextlib.ExitStack, workdir: Path, socket_path: str) -> str:
+    """``igtcache mount`` the daemon's remote at ``workdir/mnt``, unmounted when ``stack`` closes."""
+    from igtcache.fuse.cli import start_background
+    from igtcache.fuse.unmount import unmount
+
+    mountpoint = workdir / "mnt"
+    mountpoint.mkdir()
+    process = start_background([REMOTE_NAME, str(mountpoint), "--daemon", socket_path])
+    stack.callback(process.wait, 60)
+    stack.callback(unmount, str(mountpoint))
+    return str(mountpoint)
+
+
+def _ratios(counts: dict, names: dict[str, str]) -> dict:
+    """Reads and hit ratios, overall and per job (renamed by ``names``), of a cache's stats or a replay."""
     keys = ("reads", "hit_ratio", "byte_hit_ratio")
     return {**{k: counts[k] for k in keys},
-            "jobs": {job: {k: c[k] for k in keys} for job, c in sorted(counts["jobs"].items())}}
+            "jobs": {names.get(job, job): {k: c[k] for k in keys} for job, c in sorted(counts["jobs"].items())}}
 
 
 def _run_jobs(contender: str, scenario: Scenario, crcs: dict[str, int], proxy: ShapingProxy,
-              capacity: int, workdir: Path, socket_path: str) -> dict[str, dict]:
+              capacity: int, workdir: Path, socket_path: str, mountpoint: str | None) -> dict[str, dict]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(len(scenario.jobs) + 1)
     results = ctx.Queue()
@@ -164,7 +204,7 @@ def _run_jobs(contender: str, scenario: Scenario, crcs: dict[str, int], proxy: S
         spec = JobSpec(name=name, contender=contender, endpoint=proxy.endpoint, bucket=BUCKET, reads=reads,
                        crcs={k: crcs[k] for k in keys}, sizes={k: scenario.sizes[k] for k in keys},
                        cache_dir=str(workdir / f"{contender}-{name}"), budget=capacity // len(scenario.jobs),
-                       socket=socket_path)
+                       socket=socket_path, mountpoint=mountpoint if name == FUSE_JOB else None)
         process = ctx.Process(target=run_job, args=(spec, barrier, progress[name], results), daemon=True)
         process.start()
         processes.append(process)
@@ -242,7 +282,8 @@ def format_table(results: list[dict], summary: dict) -> str:
                      for row in lines)
     for r in results:
         if "live" in r:
-            text += f"\n{r['contender']} hit live / replayed per job: " + ", ".join(
+            text += (f"\n{r['contender']} hit live / replayed (fetch latency "
+                     f"{r['replayed']['latency_s'] * 1000:.0f} ms) per job: ") + ", ".join(
                 f"{job} {live['hit_ratio']:.3f} / {r['replayed']['jobs'][job]['hit_ratio']:.3f}"
                 for job, live in r["live"]["jobs"].items())
     if "igt_vs_best_fsspec" in summary:
@@ -284,8 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", default="small", choices=sorted(SCALES), help="default small")
     parser.add_argument("--capacity", type=float, default=0.2, help="cache capacity as a fraction of the data set "
                         "(default 0.2)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated (default all: "
-                        f"{','.join(CONTENDERS)})")
+    parser.add_argument("--contenders", help=f"comma-separated (default all: {','.join(CONTENDERS)}; "
+                        "the -fuse one only where FUSE works)")
     parser.add_argument("--endpoint", help="an S3-compatible server to use (dummy credentials 'testing'); "
                         "default: moto on 127.0.0.1")
     parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY_S,
@@ -300,10 +341,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    contenders = [c for c in args.contenders.split(",") if c]
+    contenders = [c for c in (args.contenders or ",".join(CONTENDERS)).split(",") if c]
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         _parser().error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
+    fuse_contenders = [c for c in contenders if c.endswith("-fuse")]
+    if fuse_contenders and (why := fuse_unusable()):
+        if args.contenders:
+            _parser().error(f"{', '.join(fuse_contenders)} need FUSE: {why}")
+        _note(f"skipping {', '.join(fuse_contenders)}: {why}")
+        contenders = [c for c in contenders if c not in fuse_contenders]
     scenario = mix(args.scale, args.seed)
     capacity = int(scenario.total_bytes * args.capacity)
     server = None

@@ -403,6 +403,7 @@ class Cache:
             self.policy.observe_fetch(len(data), seconds)
             self.stats_counters.remote_fetches += 1
             self.stats_counters.remote_bytes += len(data)
+            self.stats_counters.remote_seconds += seconds
             if prefetched:
                 self.stats_counters.prefetch_bytes += len(data)
 

@@ -39,6 +39,7 @@ class CacheStats:
         self.jobs: dict[str, ReadCounters] = defaultdict(ReadCounters)
         self.remote_fetches = 0
         self.remote_bytes = 0  # every byte fetched, demand and prefetch
+        self.remote_seconds = 0.0  # summed from issue to arrival, fetches overlapping
         self.evictions = 0
         self.corruptions = 0
         self.lost_blocks = 0
@@ -58,6 +59,7 @@ class CacheStats:
         out.update(
             remote_fetches=self.remote_fetches,
             remote_bytes=self.remote_bytes,
+            remote_seconds=self.remote_seconds,
             evictions=self.evictions,
             corruptions=self.corruptions,
             lost_blocks=self.lost_blocks,

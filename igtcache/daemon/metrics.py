@@ -16,6 +16,7 @@ _READ_COUNTERS = {
 _CACHE_COUNTERS = {
     "remote_fetches": ("remote_fetches_total", "Block fetches from the remote."),
     "remote_bytes": ("remote_bytes_total", "Bytes fetched from the remote, demand and prefetch."),
+    "remote_seconds": ("remote_fetch_seconds_total", "Seconds from issue to arrival, summed over fetches."),
     "evictions": ("evictions_total", "Blocks evicted."),
     "corruptions": ("corruptions_total", "Blocks that failed their checksum."),
     "lost_blocks": ("lost_blocks_total", "Blocks the policy held but no tier had."),
