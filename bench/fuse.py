@@ -5,7 +5,10 @@ One run: a file of ``--size`` random bytes on local disk is the remote
 (an embedded cache whose memory tier holds it all): with the default buffered
 I/O, and with ``--direct-io``. Each mount reads the file once to fill the
 cache; after that every figure is of cache hits (checked: the cache fetched
-each byte from the remote once). Figures, each the median of ``--rounds``:
+each byte from the remote once). Next to each, the same mount code over a
+backend whose reads do nothing (``NullBackend``): the ceiling that mfusepy,
+libfuse and the kernel leave to any cache behind them. Figures, each the
+median of ``--rounds``:
 
 - sequential: ``readv`` of 1 MiB into one page-aligned buffer, start to end;
   before each pass the mounted file's kernel page cache is dropped
@@ -26,8 +29,11 @@ import mmap
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from typing import Any
 
 from igtcache.bench.files import write_random_file
 from igtcache.sizes import format_size, size_argument
@@ -36,6 +42,54 @@ MiB = 1 << 20
 PAGE = 4096
 TARGET_BYTES_PER_S = 500e6
 TARGET_RATIO = 0.25
+
+
+class NullBackend:
+    """One file, ``data.bin`` of ``size`` bytes, whose reads cost nothing: the
+    reply buffer goes back as it is (its bytes are not meaningful)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def info(self, path: str) -> dict[str, Any]:
+        if path != "data.bin":
+            raise FileNotFoundError(path)
+        return {"name": path, "size": self.size, "type": "file", "version": "0"}
+
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        return [] if prefix else [{"name": "data.bin", "size": self.size, "type": "file"}]
+
+    def readinto(self, path: str, offset: int, buffer, *, job: str | None = None) -> int:
+        return max(0, min(len(buffer), self.size - offset))
+
+    def read(self, path: str, offset: int = 0, size: int = -1, *, job: str | None = None,
+             hint: str | None = None) -> bytes:
+        return bytes(max(0, min(self.size - offset, self.size if size < 0 else size)))
+
+    def invalidate(self, path: str) -> None:
+        pass
+
+
+def _serve_null(mountpoint: str, size: int, direct_io: bool) -> None:
+    """Serve ``NullBackend`` at ``mountpoint`` as ``igtcache mount`` serves a cache; "ready" on stdout."""
+    from igtcache.fuse.mount import CacheFS
+    from igtcache.fuse.runner import serve
+
+    ops = CacheFS(NullBackend(size), ttl=3600, direct_io=direct_io)
+    serve(ops, mountpoint, on_ready=lambda: print("ready", flush=True))
+
+
+def _start_null(mountpoint: str, size: int, direct_io: bool) -> subprocess.Popen:
+    """A process serving ``NullBackend`` at ``mountpoint``, once it is mounted."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "igtcache.bench.fuse", "--serve-null", mountpoint, "--size", str(size),
+         *(["--direct-io"] if direct_io else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    if child.stdout.readline() != b"ready\n":
+        child.kill()
+        raise RuntimeError(f"the no-op mount failed: {child.communicate()[1].decode(errors='replace')}")
+    return child
 
 
 def _sequential(path: str, drop_page_cache: bool) -> float:
@@ -91,13 +145,20 @@ def run(size: int, rounds: int, random_reads: int, block_size: int, seed: int = 
                     f"file://{remote}", mountpoint, "--embedded", "--memory", str(size + 64 * MiB),
                     "--block-size", str(block_size), "--ttl", "3600", *extra,
                 ])
-            buffered, direct = (os.path.join(m, "data.bin") for m in mounts)
+            cached = list(mounts)
+            for name in ("buffered", "direct-io"):
+                mountpoint = os.path.join(scratch, f"null-{name}")
+                os.mkdir(mountpoint)
+                mounts[mountpoint] = _start_null(mountpoint, size, name == "direct-io")
+            buffered, direct, null_buffered, null_direct = (os.path.join(m, "data.bin") for m in mounts)
             # (row, file, drop the kernel's page cache first, counts against the target)
             paths = [
                 ("local file (page cache)", local, False, False),
                 ("mount, buffered: igtcache hits", buffered, True, True),
+                ("mount, buffered: no-op backend", null_buffered, True, False),
                 ("mount, buffered: kernel page cache", buffered, False, False),
                 ("mount, direct-io: igtcache hits", direct, True, True),
+                ("mount, direct-io: no-op backend", null_direct, True, False),
             ]
             for path in (local, buffered, direct):
                 _sequential(path, drop_page_cache=False)  # fills igtcache (and the page cache)
@@ -108,7 +169,7 @@ def run(size: int, rounds: int, random_reads: int, block_size: int, seed: int = 
                     seq[row].append(_sequential(path, drop))
                 for row, path, drop, _target in reversed(paths):  # the buffered mount's page cache is still warm
                     rand[row].append(_random(path, offsets, drop))
-            for mountpoint in mounts:
+            for mountpoint in cached:
                 stats = json.loads(os.getxattr(mountpoint, "user.igtcache.stats"))
                 assert stats["remote_bytes"] == size, f"a benchmark read missed the cache: {stats['remote_bytes']}"
         finally:
@@ -135,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-reads", type=int, default=20000, help="4 KiB reads per random round (default 20000)")
     parser.add_argument("--block-size", type=size_argument, default="4MiB", help="cache block size (default 4MiB)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--serve-null", metavar="MOUNTPOINT", help=argparse.SUPPRESS)  # a no-op mount's process
+    parser.add_argument("--direct-io", action="store_true", help=argparse.SUPPRESS)  # with --serve-null
     args = parser.parse_args(argv)
+    if args.serve_null:
+        _serve_null(args.serve_null, args.size, args.direct_io)
+        return 0
     if args.size < MiB or args.rounds < 1 or args.random_reads < 1:
         parser.error("--size must be at least 1MiB, --rounds and --random-reads at least 1")
     rows = run(args.size, args.rounds, args.random_reads, args.block_size)

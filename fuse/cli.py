@@ -56,7 +56,11 @@ throughput:
   --direct-io sends each read() as one request of up to 1 MiB and bypasses the
   page cache; with no readahead a sequential reader then waits on each request,
   and shared mmap() is refused (ENODEV): for large one-off reads only.
-  `igtcache bench fuse` measures both next to a local file.
+  Requests are at most 1 MiB (libfuse 3 and the kernel's max_pages_limit),
+  and the kernel moves FUSE data through the page cache 4 KiB at a time: on
+  cached data the limit is that path, not the cache (docs/architecture.md).
+  `igtcache bench fuse` measures both modes next to a local file and next to
+  the same mount over a backend whose reads cost nothing.
 
 examples:
   igtcache mount s3://bucket/datasets /mnt/data --cache-dir /var/cache/igtcache --disk 200GiB

@@ -22,26 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from igtcache.fuse.available import fuse_unusable
 from igtcache.local_s3 import LocalS3
 
 from .conftest import BUCKET
 
 
-def _fuse_unusable() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is absent (no FUSE in this kernel or container)"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not readable and writable by this user"
-    if not shutil.which("fusermount3"):
-        return "fusermount3 is missing (apt-get install fuse3)"
-    try:
-        import igtcache.fuse.lib  # noqa: F401
-    except ImportError as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_fuse_unusable() is not None, reason=f"FUSE unusable: {_fuse_unusable()}")
+pytestmark = pytest.mark.skipif(fuse_unusable() is not None, reason=f"FUSE unusable: {fuse_unusable()}")
 
 MiB = 1 << 20
 RNG = random.Random(6)
@@ -499,8 +486,8 @@ def test_benchmark_reports_every_path(capsys):
     assert main(["--size", "8MiB", "--rounds", "1", "--random-reads", "200", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [r["path"] for r in rows] == [
-        "local file (page cache)", "mount, buffered: igtcache hits",
-        "mount, buffered: kernel page cache", "mount, direct-io: igtcache hits",
+        "local file (page cache)", "mount, buffered: igtcache hits", "mount, buffered: no-op backend",
+        "mount, buffered: kernel page cache", "mount, direct-io: igtcache hits", "mount, direct-io: no-op backend",
     ]
     assert all(r["seq_bytes_per_s"] > 0 and r["random_reads_per_s"] > 0 for r in rows)
     assert sum("meets_target" in r for r in rows) == 2
