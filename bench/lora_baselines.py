@@ -8,6 +8,9 @@
 - ``SloraStyle``: one unified HBM pool as S-LoRA has it: adapters share it with
   the running request's KV, adapters come from an LRU host cache, and KV is
   freed when the request ends (no reuse across requests).
+- ``Unbounded``: a bound, not a policy: HBM that keeps every adapter and every
+  KV block ever seen, so only first reads of adapters and prefixes never seen
+  before cost anything. No policy's TTFT can be lower on the same workload.
 
 Each ``serve`` returns what the request's first token waits for: adapter bytes
 copied host->device, adapter bytes read from the source, and the number of
@@ -125,6 +128,32 @@ class SloraStyle:
         running = ("kv", id(request))
         self.hbm.put(running, len(request.keys) * self.block_bytes, pinned={name})
         self.hbm.bytes -= self.hbm.items.pop(running, 0)
+        return served
+
+    def kv_without_adapter(self) -> int:
+        return 0
+
+
+class Unbounded:
+    name = "bound: unbounded HBM (keeps everything)"
+
+    def __init__(self, block_tokens: int) -> None:
+        self.adapters: set[str] = set()
+        self.kv: set[tuple[str, bytes]] = set()
+        self.block_tokens = block_tokens
+        self.hbm_bytes = 1  # run_baseline divides kv_without_adapter() (always 0) by it
+
+    def serve(self, request: Request, adapter_bytes: int) -> Served:
+        served = Served()
+        name = request.adapter
+        if name not in self.adapters:
+            self.adapters.add(name)
+            served.source_bytes = served.h2d_bytes = adapter_bytes
+        matched, prompt_blocks = 0, request.prompt_len // self.block_tokens
+        while matched < prompt_blocks and (name, request.keys[matched]) in self.kv:
+            matched += 1
+        served.matched_tokens = matched * self.block_tokens
+        self.kv.update((name, key) for key in request.keys)
         return served
 
     def kv_without_adapter(self) -> int:

@@ -110,7 +110,8 @@ class LoraKVCache:
     Every ``swap_interval`` seconds a pass swaps out the least valuable leaves
     when less than ``headroom`` of HBM is free, or prefetches the most probable
     host-resident subtrees (used with at least ``prefetch_min_probability``)
-    into the free part beyond ``headroom``. ``clock`` gives the time.
+    into the free part beyond ``headroom``, or in place of device leaves worth
+    less per byte. ``clock`` gives the time.
     """
 
     def __init__(
@@ -504,7 +505,8 @@ class LoraKVCache:
             self._rebalance(now)
 
     def _rebalance(self, now: float) -> None:
-        """Swap out low-value leaves when HBM is nearly full; prefetch probable subtrees when it has room."""
+        """Swap out low-value leaves when HBM is nearly full; prefetch probable subtrees into free room, or in
+        place of clean device leaves worth less per byte."""
         self._last_pass = now
         target = self.hbm_bytes * (1 - self.headroom)
         if self.tree.device_bytes > self.hbm_bytes * (1 - self.headroom / 2):
@@ -513,16 +515,40 @@ class LoraKVCache:
                 if self.tree.device_bytes <= target:
                     break
             return
-        if self.tree.device_bytes >= target:
-            return
         # No more than half the link's time until the next pass, so demand copies do not queue behind prefetches.
         budget = self._bandwidth("h2d") * self.swap_interval / 2
+        victims = device_victims(self.tree, self.model, now)
+        exchanging = True
         for node in prefetch_candidates(self.tree, self.model, now, self.prefetch_min_probability):
-            if node.nbytes > budget or self.tree.device_bytes + node.nbytes > target:
+            if node.nbytes > budget:
                 continue
+            if self.tree.device_bytes + node.nbytes > target:
+                if not exchanging:
+                    continue
+                written, exchanging = self._displace(victims, node, target, budget - node.nbytes, now)
+                budget -= written
+                if not exchanging:  # candidates come most valuable first: no later one is worth an exchange
+                    continue
             self._bring_to_device(node, demand=False, keep=())
             self.counters["prefetches"] += 1
             budget -= node.nbytes
+
+    def _displace(self, victims: Iterator[Node], node: Node, target: float, budget: float,
+                  now: float) -> tuple[int, bool]:
+        """Evict device leaves worth less per byte than ``node`` until it fits under ``target``, writing back
+        no more than ``budget`` bytes; returns the bytes written back and whether ``node`` now fits."""
+        value, written = self.model.device_value(node, now), 0
+        while self.tree.device_bytes + node.nbytes > target:
+            victim = next(victims, None)
+            if victim is not None and victim is node.parent:  # a leaf only until ``node`` arrives
+                continue
+            if victim is None or self.model.device_value(victim, now) >= value:
+                return written, False
+            if victim.host is None and written + victim.nbytes > budget:
+                return written, False
+            written += victim.nbytes * (victim.host is None)
+            self._evict_from_device(victim, {node}, demand=False)
+        return written, True
 
     # ------------------------------------------------------------------ bandwidth
 

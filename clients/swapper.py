@@ -129,13 +129,14 @@ def _host_droppable(node: Node) -> bool:
 
 
 def prefetch_candidates(tree: DependencyTree, model: CostModel, now: float, min_probability: float) -> Iterator[Node]:
-    """Roots of host-resident subtrees, most probable first; children join once their parent is on the device."""
+    """Roots of host-resident subtrees, most probable first; children join once their parent is on the device,
+    and a root whose parent has left meanwhile (displaced by an earlier candidate) is skipped."""
     tie = itertools.count()
     heap = [(-p, next(tie), n) for n in tree.host_roots() if (p := model.probability(n, now)) >= min_probability]
     heapq.heapify(heap)
     while heap:
         node = heapq.heappop(heap)[2]
-        if node.dev is not None or node.host is None:
+        if node.dev is not None or node.host is None or (node.parent is not None and node.parent.dev is None):
             continue
         yield node
         if node.dev is not None:

@@ -391,6 +391,43 @@ def test_the_swapper_swaps_out_when_hbm_is_busy_and_prefetches_probable_kv_when_
         assert_healthy(cache)
 
 
+def test_the_swapper_prefetches_hot_kv_in_place_of_colder_device_leaves_when_hbm_has_no_free_room(adapters):
+    root, _ = adapters
+    with make_cache(root, hbm_bytes=4 * ADAPTER_BYTES, headroom=0.25) as cache:
+        tokens = list(range(16))
+        for _ in range(5):  # a0 and its prefix are hot
+            cache.clock.now += 0.2
+            adapter = cache.acquire_adapter("a0")
+            match = cache.match_prefix("a0", tokens)
+            if not match.tokens:
+                cache.insert_kv("a0", tokens, kv_blocks(4, 0.0))
+            cache.release(match)
+            cache.release(adapter)
+        held = [cache.acquire_adapter("a0")]
+        for name in ("a1", "a2", "a3"):  # used once each, in this order: a0's blocks must leave HBM, a0 stays
+            cache.clock.now += 0.1
+            held.append(cache.acquire_adapter(name))
+        for handle in held:
+            cache.release(handle)
+        assert cache.stats()["kv_blocks"] == {"device": 0, "host_only": 4}
+        cache.clock.now += 0.2
+        cache.rebalance()  # busy: a1 leaves, leaving no room beyond the headroom
+        assert {n.name for n in cache.tree.on_device} == {"a0", "a2", "a3"}
+        assert cache.hbm_bytes - cache.tree.device_bytes == cache.hbm_bytes * 0.25
+        cache.rebalance()  # the hot blocks are worth more than a2, used once: it makes way for them
+        assert cache.stats()["prefetches"] == 4 and cache.stats()["h2d_prefetch_bytes"] == 4 * 256
+        assert {n.name for n in cache.tree.on_device if isinstance(n, AdapterNode)} == {"a0", "a3"}
+        assert cache.stats()["d2h_background_bytes"] == 0  # a2 had a host copy
+        cache.rebalance()  # a1 and a2 are worth no more than a3: nothing moves
+        assert cache.stats()["prefetches"] == 4 and cache.tree.adapters["a3"].dev is not None
+        adapter = cache.acquire_adapter("a0")
+        match = cache.match_prefix("a0", tokens)
+        assert match.tokens == 16 and cache.stats()["kv_hit_tokens_from_host"] == 0
+        cache.release(match)
+        cache.release(adapter)
+        assert_healthy(cache)
+
+
 def test_evictions_on_a_requests_path_prefer_blocks_that_need_no_write_back():
     tree = DependencyTree()
     model = CostModel(window=10.0, block_tokens=4, prefill_token_s=1e-4, bandwidth=lambda kind: 1e9)
