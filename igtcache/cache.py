@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -25,12 +26,16 @@ import fsspec
 from igtcache.bench.trace import TraceRow, TraceWriter
 from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.memory_tier import MemoryTier
+from igtcache.meta_table import MetaTable, parent
 from igtcache.policies import BlockKey, Policy, make_policy
 from igtcache.remote import ObjectInfo, Remote, check_range, normalize_path
 from igtcache.residency import Residency, block_length, block_span
 from igtcache.stats import CacheStats
 
 log = logging.getLogger(__name__)
+
+#: When this many entries of a directory are past half their TTL, one listing revalidates them all.
+BATCH_REVALIDATION = 16
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -52,7 +57,9 @@ class Cache:
     Without ``cache_dir`` the cache lives in memory only (``memory_bytes``);
     with it, ``disk_bytes`` of blocks are kept in LMDB under ``cache_dir`` and
     survive restarts, and the memory tier holds the hottest of them.
-    Metadata is revalidated against the remote after ``ttl`` seconds.
+    Metadata is revalidated against the remote after ``ttl`` seconds; when
+    many entries of one directory come due, one listing in the background
+    revalidates them all, so re-reads of a dataset do not pay a stat each.
     ``policy`` is a registered name (``igtcache.policies.POLICIES``) or a
     ``Policy`` instance whose capacity fits the tier it governs.
     ``trace_path`` records every read as a trace CSV (``igtcache bench
@@ -101,7 +108,9 @@ class Cache:
         self.memory = MemoryTier(memory_bytes)
         self.residency = Residency(self.policy, block_size)
         self.stats_counters = CacheStats()
-        self._meta: dict[str, ObjectInfo] = {}
+        self._meta = MetaTable()
+        self._listing: set[str] = set()  # directories being revalidated by a listing
+        self._revalidator = concurrent.futures.ThreadPoolExecutor(1, "igtcache-revalidate")
         self._by_path: dict[str, set[BlockKey]] = {}
         self._pending: dict[BlockKey, bytes] = {}
         self._inflight: dict[BlockKey, concurrent.futures.Future] = {}
@@ -166,7 +175,7 @@ class Cache:
         path = normalize_path(path)
         with self._store_lock:
             with self._lock:
-                self._meta.pop(path, None)
+                self._meta.pop(path)
                 keys = list(self._by_path.get(path, ()))
                 for key in keys:
                     self.residency.drop(key)
@@ -224,6 +233,7 @@ class Cache:
         self._closed = True
         self.flush()
         self._store_pool.shutdown(wait=True)
+        self._revalidator.shutdown(wait=True, cancel_futures=True)
         self.remote.close()
         if self._trace_file is not None:
             self._trace_file.close()
@@ -350,16 +360,53 @@ class Cache:
         if cached and not refresh and time.time() - cached.fetched_at < self.ttl:
             return cached
         info = self.remote.info(path)
-        if cached and cached.version != info.version:
-            self.invalidate(path)
+        self._validated(info, cached)
+        if cached is not None:
+            self._revalidate_directory_soon(parent(path))
+        return info
+
+    def _validated(self, info: ObjectInfo, cached: ObjectInfo | None) -> None:
+        """Keep ``info``, just read from the remote; drop ``cached``'s blocks if the object changed."""
+        changed = cached is None or cached.version != info.version
+        if cached is not None and changed:
+            self.invalidate(info.path)
         with self._lock:
-            self._meta[path] = info
-        if self.disk is not None:
+            self._meta.put(info)
+        if self.disk is not None and changed:
             try:
                 self.disk.save_meta(info)
             except DiskFull as exc:
                 self._warn_disk_full(exc)
-        return info
+
+    def _revalidate_directory_soon(self, directory: str) -> None:
+        """List ``directory`` in the background if enough of its entries are past half their TTL."""
+        due = time.time() - self.ttl / 2
+        with self._lock:
+            if self._closed or directory in self._listing:
+                return
+            if next(itertools.islice(self._meta.fetched_before(directory, due), BATCH_REVALIDATION - 1, None), None) is None:
+                return
+            self._listing.add(directory)
+        self._revalidator.submit(self._revalidate_directory, directory)
+
+    def _revalidate_directory(self, directory: str) -> None:
+        started = time.time()
+        try:
+            listed = {e["name"]: e for e in self.remote.ls(directory) if e["type"] == "file"}
+            with self._lock:
+                due = list(self._meta.fetched_before(directory, started))
+            for cached in due:
+                entry = listed.get(cached.path)
+                with self._lock:
+                    current = self._meta.get(cached.path)
+                # one missing from the listing, or stat'ed since it started, is left as it is
+                if entry is not None and current is not None and current.fetched_at < started:
+                    self._validated(ObjectInfo(cached.path, entry["size"], entry["version"], started), current)
+        except Exception:  # noqa: BLE001 - every entry is still revalidated by its own stat when read
+            log.debug("revalidating %s by listing failed", directory, exc_info=True)
+        finally:
+            with self._lock:
+                self._listing.discard(directory)
 
     # ------------------------------------------------------------------ fetching and storing
 
@@ -483,7 +530,7 @@ class Cache:
 
     def _restore_from_disk(self) -> None:
         """Re-admit the blocks the disk tier kept across a restart, oldest first."""
-        self._meta.update(self.disk.load_meta())
+        self._meta.update(self.disk.load_meta().values())
         surplus: list[BlockKey] = []
         for key, size in self.disk.entries():
             evicted = self.residency.admit(key, size) or []

@@ -133,13 +133,14 @@ class Remote:
         return ObjectInfo(path=normalize_path(path), size=int(info["size"]), version=object_version(info), fetched_at=time.time())
 
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        """List a directory: ``name`` (relative to the root), ``size``, ``type``, ``mtime`` (or ``None``)."""
+        """List a directory: ``name`` (relative to the root), ``size``, ``type``, ``mtime`` (or ``None``),
+        ``version`` (as :meth:`info` has it)."""
         full = self.full_path(prefix)
         self.fs.invalidate_cache(full)
         entries = self._call(prefix, lambda: self.fs.ls(full, detail=True), lambda: self.fs._ls(full, detail=True))
         return [
             {"name": self.relative(e["name"]), "size": int(e.get("size") or 0), "type": e.get("type", "file"),
-             "mtime": modification_time(e)}
+             "mtime": modification_time(e), "version": object_version(e)}
             for e in entries
         ]
 

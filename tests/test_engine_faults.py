@@ -89,6 +89,27 @@ def test_object_overwritten_on_remote_is_never_served_stale_after_ttl(s3):
         assert cache.info("obj")["size"] == len(new)
 
 
+def test_a_directory_due_for_revalidation_is_listed_once_not_stat_per_read(s3):
+    """Re-reading a dataset after its TTL: the first read stats its object and lists the directory in the
+    background; the other reads then need no stat, and a change the listing saw is served at once."""
+    fs, prefix = s3
+    files = {f"ds/{i:03d}": bytes([i]) * 1000 for i in range(24)}
+    fs.pipe({f"{prefix}/{name}": data for name, data in files.items()})
+    with Cache(fs, root=prefix, block_size=BLOCK, ttl=2.0) as cache:
+        for name, data in files.items():
+            assert cache.read(name) == data
+        fs.pipe(f"{prefix}/ds/007", b"changed")
+        time.sleep(2.1)
+        stats = []
+        real_info = cache.remote.info
+        cache.remote.info = lambda path: (stats.append(path), real_info(path))[1]  # counts the real remote's stats
+        assert cache.read("ds/000") == files["ds/000"]
+        cache._revalidator.submit(lambda: None).result(timeout=30)  # the listing has finished
+        for name, data in files.items():
+            assert cache.read(name) == (b"changed" if name == "ds/007" else data)
+        assert stats == ["ds/000"]
+
+
 def test_remote_stopped_mid_workload_gives_clear_error_then_recovers():
     server = LocalS3().start()
     try:
