@@ -141,7 +141,7 @@ def run_contender(contender: str, scenario: Scenario, crcs: dict[str, int], prox
                     "--trace-dir", str(trace_dir),
                     "--memory", str(capacity), "--disk", "0", "--block-size", str(BLOCK_SIZE),
                     "--policy", policy, "--log-level", "warning"]
-            daemon = stack.enter_context(DaemonProcess(socket_path, args))
+            stack.enter_context(DaemonProcess(socket_path, args))
         mountpoint = _mount(stack, workdir, socket_path) if contender.endswith("-fuse") else None
         jobs = _run_jobs(contender, scenario, crcs, proxy, capacity, workdir, socket_path, mountpoint)
         out = {"contender": contender, "jobs": jobs, "makespan_s": max(j["seconds"] for j in jobs.values())}

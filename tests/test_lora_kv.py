@@ -356,18 +356,24 @@ def test_the_cost_model_keeps_the_hot_adapter_and_evicts_cold_ones(adapters):
         assert cache.stats()["adapter_hits_device"] == 9
 
 
+def make_a0_hot(cache) -> list[int]:
+    """Five requests to a0 with one 16-token prompt, its KV inserted by the first; the prompt."""
+    tokens = list(range(16))
+    for _ in range(5):
+        cache.clock.now += 0.2
+        adapter = cache.acquire_adapter("a0")
+        match = cache.match_prefix("a0", tokens)
+        if not match.tokens:
+            cache.insert_kv("a0", tokens, kv_blocks(4, 0.0))
+        cache.release(match)
+        cache.release(adapter)
+    return tokens
+
+
 def test_the_swapper_swaps_out_when_hbm_is_busy_and_prefetches_probable_kv_when_it_has_room(adapters):
     root, _ = adapters
     with make_cache(root, hbm_bytes=3 * ADAPTER_BYTES, headroom=0.4, swap_interval=1.0) as cache:
-        tokens = list(range(16))
-        for _ in range(5):  # a0 and its prefix are hot
-            cache.clock.now += 0.2
-            adapter = cache.acquire_adapter("a0")
-            match = cache.match_prefix("a0", tokens)
-            if not match.tokens:
-                cache.insert_kv("a0", tokens, kv_blocks(4, 0.0))
-            cache.release(match)
-            cache.release(adapter)
+        tokens = make_a0_hot(cache)
         cache.clock.now += 0.2
         held = [cache.acquire_adapter(name) for name in ("a1", "a2", "a3")]  # a0's tree must leave HBM
         a0 = cache.tree.adapters["a0"]
@@ -394,15 +400,7 @@ def test_the_swapper_swaps_out_when_hbm_is_busy_and_prefetches_probable_kv_when_
 def test_the_swapper_prefetches_hot_kv_in_place_of_colder_device_leaves_when_hbm_has_no_free_room(adapters):
     root, _ = adapters
     with make_cache(root, hbm_bytes=4 * ADAPTER_BYTES, headroom=0.25) as cache:
-        tokens = list(range(16))
-        for _ in range(5):  # a0 and its prefix are hot
-            cache.clock.now += 0.2
-            adapter = cache.acquire_adapter("a0")
-            match = cache.match_prefix("a0", tokens)
-            if not match.tokens:
-                cache.insert_kv("a0", tokens, kv_blocks(4, 0.0))
-            cache.release(match)
-            cache.release(adapter)
+        tokens = make_a0_hot(cache)
         held = [cache.acquire_adapter("a0")]
         for name in ("a1", "a2", "a3"):  # used once each, in this order: a0's blocks must leave HBM, a0 stays
             cache.clock.now += 0.1
