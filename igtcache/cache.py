@@ -135,6 +135,15 @@ class Cache:
         """
         return self._read(path, offset, size, job, hint, None)
 
+    def read_pieces(self, path: str, offset: int = 0, size: int = -1, *, job: str | None = None,
+                    hint: str | None = None) -> list[bytes | memoryview]:
+        """The bytes of :meth:`read` as a list of pieces in order, not joined.
+
+        Pieces of memory-tier blocks are views of the cached blocks, not
+        copies: for a caller that gathers them itself (``socket.sendmsg``).
+        """
+        return self._read(path, offset, size, job, hint, PIECES)
+
     def readinto(self, path: str, offset: int, buffer, *, job: str | None = None, hint: str | None = None) -> int:
         """Read up to ``len(buffer)`` bytes at ``offset`` into a writable buffer; return how many.
 
@@ -143,7 +152,7 @@ class Cache:
         out = memoryview(buffer).cast("B")
         return self._read(path, offset, len(out), job, hint, out)
 
-    def _read(self, path, offset, size, job, hint, out: memoryview | None):
+    def _read(self, path, offset, size, job, hint, out):
         self._check_open()
         check_range(offset, size)
         job = str(os.getpid()) if job is None else str(job)
@@ -252,7 +261,7 @@ class Cache:
 
     def _read_blocks(self, info: ObjectInfo, offset: int, size: int, job: str, hint: str | None,
                      out: memoryview | None) -> bytes | int:
-        """The read itself: bytes, or with ``out`` the count of bytes written there."""
+        """The read itself: bytes, or with ``out`` the count of bytes written there (``PIECES``: the pieces)."""
         with self._lock:
             ts = time.monotonic()
             plan = self.residency.plan(
@@ -288,7 +297,7 @@ class Cache:
                 data = _join(pieces, out)
         else:
             data = _join(pieces, out)
-        length = data if out is not None else len(data)
+        length = _length(data)
         if not length:
             return data  # touched no block: neither a hit nor a miss
         from_remote = sum(spans[key.index][1] - spans[key.index][0] for key in missing)
@@ -316,6 +325,8 @@ class Cache:
                         if key in self.policy:
                             self.memory.put(key, block)
                     pieces[key.index] = _slice(block, *spans[key.index])
+                elif out is PIECES:  # they leave the transaction
+                    pieces[key.index] = bytes(view[slice(*spans[key.index])])
                 else:
                     pieces[key.index] = view[slice(*spans[key.index])]
             if not corrupt and not lost:
@@ -570,10 +581,17 @@ def _slice(block: bytes, lo: int, hi: int) -> bytes | memoryview:
     return block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi]
 
 
-def _join(blocks: dict[int, bytes | memoryview], out: memoryview | None = None) -> bytes | int:
+#: ``out`` of a read that returns its pieces unjoined (``Cache.read_pieces``).
+PIECES = object()
+
+
+def _join(blocks: dict[int, bytes | memoryview], out=None) -> bytes | int | list[bytes | memoryview]:
     """One ``bytes`` from the pieces in block order, or, with ``out``, the pieces
-    copied into it and their total length; each byte is copied at most once."""
+    copied into it and their total length, or with ``out`` ``PIECES`` the
+    pieces themselves; each byte is copied at most once."""
     pieces = [blocks[index] for index in sorted(blocks)]
+    if out is PIECES:
+        return pieces
     if out is not None:
         position = 0
         for piece in pieces:
@@ -583,6 +601,13 @@ def _join(blocks: dict[int, bytes | memoryview], out: memoryview | None = None) 
     if len(pieces) == 1 and isinstance(pieces[0], bytes):
         return pieces[0]
     return b"".join(pieces)
+
+
+def _length(data: bytes | int | list) -> int:
+    """Bytes read, from what ``_join`` returned."""
+    if isinstance(data, int):
+        return data
+    return sum(map(len, data)) if isinstance(data, list) else len(data)
 
 
 def _lock_directory(directory: Path):

@@ -88,3 +88,21 @@ def test_readinto_fills_a_buffer_from_every_tier(tmp_path):
                 count = cache.readinto("f", offset, buffer)
                 assert bytes(buffer[:count]) == data[offset:offset + length]
         assert cache.stats()["hits"] == 3
+
+
+@pytest.mark.parametrize("memory_bytes", [0, 8 * BLOCK])
+def test_read_pieces_are_the_read_unjoined_and_memory_blocks_uncopied(tmp_path, memory_bytes):
+    remote = file_remote(tmp_path)
+    data = random.Random(12).randbytes(3 * BLOCK + 10)
+    remote.put("f", data)
+    with Cache(**remote.cache_args(), cache_dir=tmp_path / "c", block_size=BLOCK,
+               memory_bytes=memory_bytes, disk_bytes=8 * BLOCK) as cache:
+        for offset, length in [(5, BLOCK), (BLOCK - 3, 2 * BLOCK), (3 * BLOCK, 100), (0, 0)]:
+            for _ in range(2):  # first from the remote, then from a tier
+                pieces = cache.read_pieces("f", offset, length)
+                assert b"".join(pieces) == data[offset:offset + length]
+                assert len(pieces) == len({i // BLOCK for i in range(offset, min(offset + length, len(data)))})
+        if memory_bytes:
+            block = cache.read("f", BLOCK, BLOCK)  # the cached block itself
+            (piece,) = cache.read_pieces("f", BLOCK + 1, BLOCK - 1)
+            assert isinstance(piece, memoryview) and piece.obj is block

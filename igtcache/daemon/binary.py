@@ -1,8 +1,9 @@
 """Serving the binary protocol (``protocol.py``) on one connection, in its own thread.
 
 A thread per connection keeps the hit path short: a read goes from the
-socket to ``Cache.read`` and back with no event-loop hand-off, and the bytes
-leave through one ``sendmsg`` of the header and the cached block itself.
+socket to ``Cache.read_pieces`` and back with no event-loop hand-off, and the
+bytes leave through one ``sendmsg`` of the header and the cached blocks
+themselves (views of them where a read starts or ends inside a block).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from igtcache.daemon.protocol import (
 from igtcache.daemon.service import Service
 
 log = logging.getLogger(__name__)
+
+#: Most pieces one ``sendmsg`` gathers (the kernel's IOV_MAX is 1024); a read of more is joined first.
+MAX_GATHER = 512
 
 
 def serve_connection(conn: socket.socket, service: Service) -> None:
@@ -65,11 +69,16 @@ def _recv_into(conn: socket.socket, buffer: bytearray) -> bool:
     return True
 
 
-def _send(conn: socket.socket, status: int, body: bytes) -> None:
-    header = RESPONSE.pack(status, len(body))
-    sent = conn.sendmsg([header, body])
-    if sent < len(header):
-        conn.sendall(header[sent:])
-        sent = len(header)
-    if sent - len(header) < len(body):
-        conn.sendall(memoryview(body)[sent - len(header):])
+def _send(conn: socket.socket, status: int, body: bytes | list[bytes | memoryview]) -> None:
+    """A response: its header and body (or the body's pieces, gathered by one ``sendmsg``)."""
+    pieces = [body] if isinstance(body, bytes) else body
+    if len(pieces) > MAX_GATHER:
+        pieces = [b"".join(pieces)]
+    buffers = [RESPONSE.pack(status, sum(map(len, pieces))), *pieces]
+    sent = conn.sendmsg(buffers)
+    for buffer in buffers:  # the rest of what one sendmsg did not take
+        if sent >= len(buffer):
+            sent -= len(buffer)
+            continue
+        conn.sendall(memoryview(buffer)[sent:])
+        sent = 0

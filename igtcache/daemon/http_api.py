@@ -109,8 +109,9 @@ class HttpApi:
 
         def call() -> bytes:
             job = q.get("job") or request.headers.get("X-Igtcache-Job") or "http"
-            return self.service.read(request.match_info["remote"], q.get("path", ""), _query_int(request, "offset", 0),
-                                     _query_int(request, "size", -1), job, q.get("hint"))
+            return b"".join(self.service.read(request.match_info["remote"], q.get("path", ""),
+                                              _query_int(request, "offset", 0), _query_int(request, "size", -1),
+                                              job, q.get("hint")))
 
         return await self._answer("read", call, _bytes)
 

@@ -37,8 +37,10 @@ class Service:
 
     # -------------------------------------------------------------- operations
 
-    def read(self, remote: Any, path: Any, offset: Any = 0, size: Any = -1, job: Any = None, hint: Any = None) -> bytes:
-        """Bytes of ``path`` on ``remote``, tagged with the client's ``job``."""
+    def read(self, remote: Any, path: Any, offset: Any = 0, size: Any = -1, job: Any = None,
+             hint: Any = None) -> list[bytes | memoryview]:
+        """Bytes of ``path`` on ``remote``, tagged with the client's ``job``, as pieces to send in order
+        (views of the cached blocks: ``Cache.read_pieces``)."""
         cache = self._cache(remote)
         path = _path(path)
         offset = _int(offset, "offset", 0, (1 << 63) - 1)
@@ -50,7 +52,7 @@ class Service:
         if size > self.max_read:
             raise BadRequest(f"read of {size} bytes is more than this daemon's --max-read of {self.max_read}; "
                              "read in smaller ranges")
-        return cache.read(path, offset, size, job=job, hint=hint)
+        return cache.read_pieces(path, offset, size, job=job, hint=hint)
 
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """Any operation but ``read``, with JSON-able arguments and result."""
