@@ -58,16 +58,23 @@ class ARC(Policy):
         elif key in self._t2:
             self._t2.move_to_end(key)
 
-    def _victim(self, incoming: Hashable) -> Hashable:
-        # REPLACE: evict from T1 while it exceeds its target, else from T2;
-        # the victim's key moves to the matching ghost list.
+    def peek_victim(self) -> Hashable:
+        """The key the next eviction would take (nothing changes)."""
+        return self._choose()[0]
+
+    def _choose(self) -> tuple[Hashable, int, bool]:
+        """REPLACE: the oldest of T1 while T1 exceeds its target, else of T2: ``(key, size, from T1)``."""
         t1_over = self._t1_bytes > self.p or (self._ghost_hit == "b2" and self._t1_bytes >= self.p)
         if self._t1 and (t1_over or not self._t2):
-            key, size = next(iter(self._t1.items()))
+            return *next(iter(self._t1.items())), True
+        return *next(iter(self._t2.items())), False
+
+    def _victim(self, incoming: Hashable) -> Hashable:
+        key, size, from_t1 = self._choose()  # its key moves to the matching ghost list
+        if from_t1:
             self._b1[key] = size
             self._b1_bytes += size
         else:
-            key, size = next(iter(self._t2.items()))
             self._b2[key] = size
             self._b2_bytes += size
         return key

@@ -146,7 +146,7 @@ class IGT(Policy):
         self._pool_hits = 0.0  # decayed reads of blocks in the pool
         self._pool_hits_epoch = 0
         self._pool_hit_tick = 0
-        self._uheap: list[tuple[float, int, Stream]] = []  # uniform streams by value
+        self._uheap: list[tuple[float, float, int, Stream]] = []  # uniform streams by value, then upper bound
         self._sheap: list[tuple[float, int, Hashable]] = []  # skewed blocks by log2 value + epoch
         self._skew: dict[Hashable, tuple[float, int]] = {}
         self._seq = itertools.count()
@@ -421,11 +421,6 @@ class IGT(Policy):
                 self._protect(key, blk, reader)
             blk.reader, blk.since = reader, self._clock.tick
             return
-        if blk.place == _POOL:
-            clock = self._clock
-            self._pool_hits = clock.now(self._pool_hits, self._pool_hits_epoch) + 1.0
-            self._pool_hits_epoch = clock.epoch
-            self._pool_hit_tick = clock.tick
         if blk.place == _PROTECTED:
             self._unplace(key, blk)
             self._place(key, blk, stream)
@@ -438,6 +433,11 @@ class IGT(Policy):
             self._skew_push(key, blk)
         else:
             self._pool.touch(key)
+        if blk.place == _POOL:  # a hit the pool earns, also for a block it has just taken in
+            clock = self._clock
+            self._pool_hits = clock.now(self._pool_hits, self._pool_hits_epoch) + 1.0
+            self._pool_hits_epoch = clock.epoch
+            self._pool_hit_tick = clock.tick
 
     def _place(self, key: Hashable, blk: _Resident, stream: Stream) -> None:
         """Keep an unprotected block with the class its stream's label calls for."""
@@ -498,33 +498,54 @@ class IGT(Policy):
 
     def _uniform_push(self, stream: Stream) -> None:
         stream.heap_seq = seq = next(self._seq)
-        heapq.heappush(self._uheap, (stream.value, seq, stream))
+        heapq.heappush(self._uheap, (stream.value, stream.high, seq, stream))  # equal values: least potential first
         if len(self._uheap) > 2 * len(self._streams) + 64:
-            self._uheap = [e for e in self._uheap if e[2].heap_seq == e[1] and e[2].blocks]
+            self._uheap = [e for e in self._uheap if e[3].heap_seq == e[2] and e[3].blocks]
             heapq.heapify(self._uheap)
 
     def _skew_push(self, key: Hashable, blk: _Resident) -> None:
+        """(Re)value a block of the skewed class: its visit count per byte, or nothing if its stream is idle."""
         seen = self._history.get(key)
         count, epoch = (seen.count, seen.epoch) if seen is not None else (0.5, self._clock.epoch)
-        entry = self._skew[key] = (math.log2(count / blk.size) + epoch, next(self._seq))
+        prio = -math.inf if blk.stream.idle else math.log2(count / blk.size) + epoch
+        entry = self._skew[key] = (prio, next(self._seq))
         heapq.heappush(self._sheap, (*entry, key))
         if len(self._sheap) > 2 * len(self._skew) + 64:
             self._sheap = [(p, s, k) for k, (p, s) in self._skew.items()]
             heapq.heapify(self._sheap)
 
+    def _settle_pool(self) -> None:
+        """Move the pool's next victims whose streams have been labelled since to their streams' classes.
+
+        A stream's first blocks enter the pool while it has no label; left
+        there, they would be valued as the pool (and a stable subset would
+        lose them to its own later blocks). They move lazily, oldest first,
+        when they are about to be evicted: each block once.
+        """
+        pool = self._pool
+        while len(pool):
+            key = pool.peek_victim()
+            blk = self._blocks[key]
+            stream = self._live(blk.stream)
+            if _class_of(stream.label) == _POOL:
+                return
+            self._unplace(key, blk)
+            self._place(key, blk, stream)
+            if blk.place == _UNIFORM:
+                stream.blocks.move_to_end(key, last=False)  # an old block: least recently used
+
     def _demote(self, stream: Stream) -> None:
         """An idle stream's frequent blocks are worth nothing now (until read again)."""
-        for key, (_, seq) in list(self._skew.items()):
-            if self._blocks[key].stream is stream:
-                self._skew[key] = entry = (-math.inf, seq)
-                heapq.heappush(self._sheap, (*entry, key))
+        for key in [k for k in self._skew if self._blocks[k].stream is stream]:
+            self._skew_push(key, self._blocks[key])
 
     def _min_class(self) -> tuple[float, int, object] | None:
         """The lowest-valued class with an evictable block: ``(value, place, stream or key)``."""
+        self._settle_pool()
         best = None
         uheap = self._uheap
         while uheap:
-            value, seq, stream = uheap[0]
+            value, _, seq, stream = uheap[0]
             if stream.heap_seq == seq and stream.blocks:
                 best = (value, _UNIFORM, stream)
                 break
@@ -555,9 +576,9 @@ class IGT(Policy):
                 stream.dead = True
                 del self._streams[key]
                 continue
-            old, was_idle = stream.value, stream.idle
+            old, was_idle = (stream.value, stream.high), stream.idle
             stream.estimate(clock, SEQ_DISCOUNT if stream.label is Pattern.SEQUENTIAL else 1.0)
-            if stream.value != old and stream.blocks:
+            if (stream.value, stream.high) != old and stream.blocks:
                 self._uniform_push(stream)
             if stream.idle and not was_idle and stream.skewed:
                 self._demote(stream)
