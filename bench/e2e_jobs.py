@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, barrier, progress, results) -> None:
         for key, chunk in spec.reads:
             path = f"{spec.bucket}/{key}"
             if spec.mountpoint:
-                crc, nbytes = _read_mounted(os.path.join(spec.mountpoint, key), chunk)
+                crc, nbytes = _read_mounted(os.path.join(spec.mountpoint, key), chunk, spec.sizes[key])
             else:
                 crc, nbytes = _read(fs, path, chunk, spec.sizes[key])
             result["bad"] += crc != spec.crcs[key] or nbytes != spec.sizes[key]
@@ -130,33 +130,30 @@ def run_job(spec: JobSpec, barrier, progress, results) -> None:
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str, chunk: int, size: int) -> tuple[int, int]:
-    """CRC-32 and length of one file of ``size`` bytes read through ``fs``, whole or ``chunk`` bytes at a time."""
+    """CRC-32 and length of one file of ``size`` bytes read through ``fs``."""
     with fs.open(path, "rb") as f:
-        if not chunk:
-            data = f.read()
-            return zlib.crc32(data), len(data)
-        crc = nbytes = 0
-        # never read at the end of the file: fsspec's blockcache then asks for a range past it (416)
-        while nbytes < size and (data := f.read(min(chunk, size - nbytes))):
-            crc = zlib.crc32(data, crc)
-            nbytes += len(data)
-        return crc, nbytes
+        return _checksum(f, chunk, size)
 
 
-def _read_mounted(path: str, chunk: int) -> tuple[int, int]:
-    """CRC-32 and length of a file read through the mount, whole or ``chunk`` bytes at a time.
+def _read_mounted(path: str, chunk: int, size: int) -> tuple[int, int]:
+    """CRC-32 and length of one file of ``size`` bytes read through the mount.
 
     The file's pages are dropped from the kernel's page cache first, so every
     read reaches igtcache and only the cache's capacity is measured.
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        size = chunk or max(os.fstat(fd).st_size, 1)
-        crc = nbytes = 0
-        while data := os.read(fd, size):
-            crc = zlib.crc32(data, crc)
-            nbytes += len(data)
-        return crc, nbytes
-    finally:
-        os.close(fd)
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return _checksum(f, chunk, size)
+
+
+def _checksum(f, chunk: int, size: int) -> tuple[int, int]:
+    """CRC-32 and length of an open file of ``size`` bytes read whole (``chunk`` 0) or ``chunk`` bytes at a time."""
+    if not chunk:
+        data = f.read()
+        return zlib.crc32(data), len(data)
+    crc = nbytes = 0
+    # never read at the end of the file: fsspec's blockcache then asks for a range past it (416)
+    while nbytes < size and (data := f.read(min(chunk, size - nbytes))):
+        crc = zlib.crc32(data, crc)
+        nbytes += len(data)
+    return crc, nbytes

@@ -70,6 +70,19 @@ class LruBytes:
         return True
 
 
+def _load_adapter(pool: LruBytes, host: LruBytes, name: str, size: int, served: Served) -> bool:
+    """Make adapter ``name`` resident in ``pool`` through ``host`` (read from its source if the host lacks
+    it), counting the transfers in ``served``; whether it is in ``pool`` now."""
+    if name in pool:
+        pool.touch(name)
+        return True
+    if name not in host:
+        served.source_bytes = size
+    host.put(name, size)
+    served.h2d_bytes = size
+    return pool.put(name, size)
+
+
 class VllmStyle:
     def __init__(self, hbm_bytes: int, host_bytes: int, adapter_share: float, block_bytes: int, block_tokens: int) -> None:
         self.name = f"vLLM-style ({adapter_share:.0%} for adapters, LRU)"
@@ -82,15 +95,8 @@ class VllmStyle:
     def serve(self, request: Request, adapter_bytes: int) -> Served:
         served = Served()
         name = request.adapter
-        if name in self.adapters:
-            self.adapters.touch(name)
-        else:
-            if name not in self.host:
-                served.source_bytes = adapter_bytes
-            self.host.put(name, adapter_bytes)
-            served.h2d_bytes = adapter_bytes
-            if not self.adapters.put(name, adapter_bytes):
-                raise ValueError(f"adapter {name} does not fit vLLM's adapter share")
+        if not _load_adapter(self.adapters, self.host, name, adapter_bytes, served):
+            raise ValueError(f"adapter {name} does not fit vLLM's adapter share")
         prompt_blocks = request.prompt_len // self.block_tokens
         matched = 0
         while matched < prompt_blocks and (name, request.keys[matched]) in self.kv:
@@ -116,14 +122,7 @@ class SloraStyle:
     def serve(self, request: Request, adapter_bytes: int) -> Served:
         served = Served()
         name = request.adapter
-        if name in self.hbm:
-            self.hbm.touch(name)
-        else:
-            if name not in self.host:
-                served.source_bytes = adapter_bytes
-            self.host.put(name, adapter_bytes)
-            served.h2d_bytes = adapter_bytes
-            self.hbm.put(name, adapter_bytes)
+        _load_adapter(self.hbm, self.host, name, adapter_bytes, served)
         # the running request's KV takes its place in the unified pool, then is freed
         running = ("kv", id(request))
         self.hbm.put(running, len(request.keys) * self.block_bytes, pinned={name})

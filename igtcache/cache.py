@@ -297,7 +297,7 @@ class Cache:
                 data = _join(pieces, out)
         else:
             data = _join(pieces, out)
-        length = _length(data)
+        length = sum(hi - lo for lo, hi in spans.values())
         if not length:
             return data  # touched no block: neither a hit nor a miss
         from_remote = sum(spans[key.index][1] - spans[key.index][0] for key in missing)
@@ -391,11 +391,12 @@ class Cache:
 
     def _revalidate_directory_soon(self, directory: str) -> None:
         """List ``directory`` in the background if enough of its entries are past half their TTL."""
-        due = time.time() - self.ttl / 2
+        due_before = time.time() - self.ttl / 2
         with self._lock:
             if self._closed or directory in self._listing:
                 return
-            if next(itertools.islice(self._meta.fetched_before(directory, due), BATCH_REVALIDATION - 1, None), None) is None:
+            due = itertools.islice(self._meta.fetched_before(directory, due_before), BATCH_REVALIDATION)
+            if len(list(due)) < BATCH_REVALIDATION:
                 return
             self._listing.add(directory)
         self._revalidator.submit(self._revalidate_directory, directory)
@@ -601,13 +602,6 @@ def _join(blocks: dict[int, bytes | memoryview], out=None) -> bytes | int | list
     if len(pieces) == 1 and isinstance(pieces[0], bytes):
         return pieces[0]
     return b"".join(pieces)
-
-
-def _length(data: bytes | int | list) -> int:
-    """Bytes read, from what ``_join`` returned."""
-    if isinstance(data, int):
-        return data
-    return sum(map(len, data)) if isinstance(data, list) else len(data)
 
 
 def _lock_directory(directory: Path):

@@ -1,8 +1,11 @@
-"""Remotes for engine tests: one writable place, three kinds of fsspec filesystem."""
+"""Test helpers: remotes for engine tests (one writable place, three kinds of fsspec
+filesystem), and running work on several threads at once."""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from typing import Callable
 
 import fsspec
 
@@ -32,3 +35,21 @@ def file_remote(tmp_path) -> Remote:
     root = tmp_path / "remote"
     root.mkdir()
     return Remote(fsspec.filesystem("file"), str(root))
+
+
+def in_threads(work: Callable[[int], None], count: int, timeout: float | None = None) -> list[BaseException]:
+    """Run ``work(0)`` ... ``work(count - 1)`` at once, one thread each; return what they raised."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors

@@ -28,6 +28,7 @@ from igtcache.local_s3 import free_port
 from igtcache.stats_cmd import render as render_stats
 
 from .conftest import BUCKET
+from .helpers import in_threads
 
 KiB = 1 << 10
 BLOCK = 256 * KiB
@@ -157,11 +158,7 @@ def test_one_client_is_safe_to_share_between_threads(served, monkeypatch):
             if client.read(name, offset, size) != data[offset:offset + size]:
                 failures.append((name, offset, size))
 
-    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    assert in_threads(reader, 8, timeout=120) == []
     assert not failures
     assert client.stats()["jobs"]["threaded"]["reads"] == 8 * 60
     client.close()

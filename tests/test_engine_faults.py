@@ -16,7 +16,7 @@ import pytest
 from igtcache import Cache, RemoteError
 
 from igtcache.local_s3 import LocalS3
-from .helpers import file_remote, memory_remote
+from .helpers import file_remote, in_threads, memory_remote
 
 BLOCK = 64 * 1024
 
@@ -192,11 +192,7 @@ def test_concurrent_misses_on_one_block_fetch_it_once(s3):
             barrier.wait()
             results.append(cache.read("shared", (i % 2) * BLOCK, BLOCK, job=f"job{i % 3}"))
 
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        assert in_threads(reader, 16) == []
         assert sorted(results) == sorted([data[:BLOCK]] * 8 + [data[BLOCK:2 * BLOCK]] * 8)
         stats = cache.stats()
         assert stats["remote_fetches"] == 2
@@ -211,21 +207,13 @@ def test_many_threads_reading_different_blocks(tmp_path):
     block = 1024
     with Cache(**remote.cache_args(), cache_dir=tmp_path / "c", block_size=block,
                memory_bytes=8 * block, disk_bytes=32 * block) as cache:
-        errors = []
 
         def reader(seed: int) -> None:
             for i in range(200):
                 offset = ((seed * 7919 + i * 104729) % len(data))
-                try:
-                    assert cache.read("big", offset, 3 * block) == data[offset:offset + 3 * block]
-                except BaseException as exc:  # noqa: BLE001
-                    errors.append(exc)
+                assert cache.read("big", offset, 3 * block) == data[offset:offset + 3 * block]
 
-        threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = in_threads(reader, 8)
         assert not errors, errors[0]
 
 

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 
 from igtcache import Cache, CacheDirInUse
 
-from .helpers import file_remote
+from .helpers import file_remote, in_threads
 
 BLOCK = 32 * 1024
 
@@ -38,26 +37,18 @@ def test_tiers_never_exceed_their_bounds_under_concurrent_churn(tmp_path):
     objects = _populate(remote, 60, rng)
     cache = Cache(**remote.cache_args(), cache_dir=tmp_path / "c", block_size=BLOCK,
                   memory_bytes=5 * BLOCK + 17, disk_bytes=20 * BLOCK + 5)
-    errors: list[BaseException] = []
 
     def churn(seed: int) -> None:
         local = random.Random(seed)
-        try:
-            for _ in range(150):
-                path = local.choice(list(objects))
-                data = objects[path]
-                offset = local.randrange(len(data))
-                size = local.randint(1, 2 * BLOCK)
-                assert cache.read(path, offset, size) == data[offset:offset + size]
-                _assert_in_bounds(cache)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        for _ in range(150):
+            path = local.choice(list(objects))
+            data = objects[path]
+            offset = local.randrange(len(data))
+            size = local.randint(1, 2 * BLOCK)
+            assert cache.read(path, offset, size) == data[offset:offset + size]
+            _assert_in_bounds(cache)
 
-    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(churn, 6)
     assert not errors, errors[0]
     stats = cache.stats()
     assert stats["evictions"] > 0

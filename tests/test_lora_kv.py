@@ -13,7 +13,6 @@ import json
 import random
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from igtcache import Cache
 from igtcache.clients.kv_tree import AdapterNode, DependencyTree
 from igtcache.clients.lora_kv import AdapterError, CacheFullError, LoraKVCache
 from igtcache.clients.swapper import CostModel, device_victims
+
+from .helpers import in_threads
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -517,29 +518,20 @@ def test_adapters_through_the_node_daemon(adapters, tmp_path, monkeypatch):
 @pytest.mark.timeout(60)
 def test_threads_share_one_cache(adapters):
     root, tensors = adapters
-    errors = []
     with make_cache(root, hbm_bytes=8 * ADAPTER_BYTES, clock=time.monotonic, swap_interval=0.001) as cache:
         def worker(seed: int) -> None:
             rng = random.Random(seed)
-            try:
-                for _ in range(150):
-                    name = rng.choice(list(tensors))
-                    adapter = cache.acquire_adapter(name)
-                    tokens = [rng.randrange(3) for _ in range(8)]
-                    match = cache.match_prefix(name, tokens)
-                    cache.insert_kv(name, tokens, match.blocks + kv_blocks(2 - len(match.blocks), 0.0))
-                    assert torch.equal(adapter[next(iter(tensors[name]))], next(iter(tensors[name].values())))
-                    cache.release(match)
-                    cache.release(adapter)
-            except Exception as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
+            for _ in range(150):
+                name = rng.choice(list(tensors))
+                adapter = cache.acquire_adapter(name)
+                tokens = [rng.randrange(3) for _ in range(8)]
+                match = cache.match_prefix(name, tokens)
+                cache.insert_kv(name, tokens, match.blocks + kv_blocks(2 - len(match.blocks), 0.0))
+                assert torch.equal(adapter[next(iter(tensors[name]))], next(iter(tensors[name].values())))
+                cache.release(match)
+                cache.release(adapter)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
+        assert in_threads(worker, 4) == []
         assert_healthy(cache)
         assert all(node.refs == 0 for node in cache.tree.nodes())
 
