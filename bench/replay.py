@@ -4,40 +4,43 @@
 --policy lru,arc,... [--block-size SIZE] [--latency-ms MS] [--bandwidth MB_PER_S]
 [--json] [--plot FILE.png]``
 
-Policies run through :class:`igtcache.residency.Residency`, the code path of
-the live engine: ``plan()`` for every read, ``admit()`` for every fetched
-block, ``prefetch()`` after every read, ``drop()`` for blocks of an object
-whose size changed (a new version); like the engine, the replay also tells
-the policy each fetch's size and (simulated) duration via
-``Policy.observe_fetch``, at issue time. Belady's oracle is built from the
-trace's block requests; ``plan()`` advances it (through ``Policy.observe``)
-read by read.
+Each read goes through :class:`igtcache.read_driver.ReadDriver`, the read
+driver of the live engine: the same plan, demand fetches, readahead issued
+at the read's time, admission when a block arrives, and the same hit, late,
+used and wasted prefetch accounting. Only the fetch backend differs: here a
+simulated link with its own clock. Explicit prefetches and read hints in
+the trace reach the policy as they did live. Belady's oracle is built from
+the trace's block requests; planning a read advances it (through
+``Policy.observe``) read by read.
 
 The model:
 
-* Time is the trace's. Reads happen at their ``ts``; a miss does not delay
-  later reads (open loop), and a block fetched on demand is cached at once.
+* Time is the trace's. Reads happen at their ``ts`` (a live trace's times
+  already include each reader's waits for its misses); a miss does not
+  delay later reads (open loop). Fetches whose bytes arrive by a read's
+  ``ts`` are admitted, in arrival order, before that read is planned, so a
+  read of a block still in flight, demand or readahead, is a miss.
 * One shared link to the remote: a fetch issued at ``t`` starts when the
   link is free, holds it for ``size / bandwidth``, and its bytes arrive
-  ``latency`` after the transfer ends. With an idle link a prefetched block
-  arrives at ``t + latency + size / bandwidth``. Demand fetches use the link
-  too, so they delay later prefetches.
-* A read that needs a prefetched block that has not arrived is a miss, and
-  the prefetch is counted as late (once per prefetched block). No second
-  fetch is issued: the read waits for the one in flight.
+  ``latency`` after the transfer ends. Demand fetches and readahead share
+  the link in issue order.
+* A read that needs a block still in flight is a miss and waits for that
+  fetch (no second fetch); a prefetch it waits for counts as late.
 * Remote bytes count every fetched byte. Wasted prefetch bytes are
   prefetched blocks evicted (or declined by the policy) before any read.
 
 Metrics per policy and capacity, and per job: hit ratio (reads whose every
-block was resident and arrived), byte hit ratio (requested bytes that lay in
-resident, arrived blocks), remote bytes, wasted prefetch bytes, late
-prefetches. Remote and prefetch figures are charged to the job whose read
-caused the fetch.
+block was resident when planned), byte hit ratio (requested bytes that lay
+in resident blocks), remote bytes, wasted prefetch bytes, late prefetches.
+Remote and prefetch figures are charged to the job whose read caused the
+fetch.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
 import math
 import sys
@@ -46,8 +49,10 @@ from typing import Iterable, Iterator, Sequence
 
 from igtcache.bench.trace import TraceRow, load_trace
 from igtcache.policies import POLICIES, BlockKey, FutureOracle, Policy
-from igtcache.residency import Residency, block_length, block_span
+from igtcache.read_driver import Fetch, ReadDriver
+from igtcache.residency import block_length, block_span
 from igtcache.sizes import format_size, size_argument
+from igtcache.stats import JobCounters, ReadCounters
 
 DEFAULT_BLOCK_SIZE = 4 * 1024**2
 DEFAULT_LATENCY_S = 0.020
@@ -70,29 +75,37 @@ class RemoteLink:
         return self.free_at + self.latency_s
 
 
-class Tally:
-    """Counters for one job (or, summed, for a whole run)."""
+class SimulatedBackend:
+    """Fetches on a :class:`RemoteLink`, delivered to the driver when the replay's clock passes them."""
 
-    __slots__ = ("reads", "hits", "requested_bytes", "hit_bytes", "remote_bytes",
-                 "wasted_prefetch_bytes", "late_prefetches")
+    def __init__(self, driver: ReadDriver, link: RemoteLink) -> None:
+        self.driver = driver
+        self.link = link
+        self._arrivals: list[tuple[float, int, Fetch, float]] = []  # (arrival, seq, fetch, seconds)
+        self._seq = itertools.count()
 
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    def start(self, ts: float, fetches: Iterable[Fetch]) -> None:
+        for fetch in fetches:
+            arrival = self.link.fetch(ts, fetch.length)
+            heapq.heappush(self._arrivals, (arrival, next(self._seq), fetch, arrival - ts))
 
-    def add(self, other: Tally) -> None:
-        for name in self.__slots__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def deliver_until(self, ts: float) -> None:
+        """Admit every fetch that has arrived by ``ts``, in arrival order."""
+        while self._arrivals and self._arrivals[0][0] <= ts:
+            _, _, fetch, seconds = heapq.heappop(self._arrivals)
+            self.driver.arrived(fetch.key, fetch.length, seconds)
 
-    def as_dict(self) -> dict:
-        return {
-            "reads": self.reads,
-            "hit_ratio": self.hits / self.reads if self.reads else 0.0,
-            "byte_hit_ratio": self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0,
-            "remote_bytes": self.remote_bytes,
-            "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
-            "late_prefetches": self.late_prefetches,
-        }
+
+def replay_metrics(counters: ReadCounters) -> dict:
+    """The replay's figures from a job's (or the total's) counters."""
+    return {
+        "reads": counters.reads,
+        "hit_ratio": counters.hits / counters.reads if counters.reads else 0.0,
+        "byte_hit_ratio": counters.bytes_from_cache / counters.bytes_requested if counters.bytes_requested else 0.0,
+        "remote_bytes": counters.remote_bytes,
+        "wasted_prefetch_bytes": counters.prefetch_wasted_bytes,
+        "late_prefetches": counters.prefetch_late,
+    }
 
 
 def _version(row: TraceRow) -> str:
@@ -100,9 +113,13 @@ def _version(row: TraceRow) -> str:
     return str(row.object_size)
 
 
+def _reads(rows: Iterable[TraceRow]) -> Iterator[TraceRow]:
+    return (row for row in rows if row.op == "read")
+
+
 def block_requests(rows: Iterable[TraceRow], block_size: int) -> Iterator[BlockKey]:
-    """Every block key the replay will request, in order (what Belady's oracle needs)."""
-    for row in rows:
+    """Every block key the replay's reads will request, in order (what Belady's oracle needs)."""
+    for row in _reads(rows):
         first, last = block_span(row.offset, row.size, row.object_size, block_size)
         version = _version(row)
         for index in range(first, last + 1):
@@ -113,7 +130,7 @@ def footprint(rows: Iterable[TraceRow], block_size: int) -> int:
     """Bytes in the distinct blocks a trace reads: the cache size that never evicts."""
     seen: set[BlockKey] = set()
     total = 0
-    for row in rows:
+    for row in _reads(rows):
         first, last = block_span(row.offset, row.size, row.object_size, block_size)
         for index in range(first, last + 1):
             key = BlockKey(row.path, _version(row), index)
@@ -153,86 +170,43 @@ def replay(
         raise ValueError(f"block size must be > 0, got {block_size}")
     rows = trace_rows if isinstance(trace_rows, Sequence) else list(trace_rows)
     started = time.perf_counter()
-    residency = Residency(make_replay_policy(policy_name, capacity, rows, block_size), block_size)
-    policy = residency.policy
-    link = RemoteLink(latency_s, bandwidth_Bps)
-    tallies: dict[str, Tally] = {}
-    unread: dict[BlockKey, tuple[Tally, int]] = {}  # prefetched, not yet read -> (whose prefetch, bytes)
-    arrivals: dict[BlockKey, float] = {}  # prefetched blocks possibly still in flight
-    versions: dict[str, tuple[str, int]] = {}  # path -> (version, object size) last read
+    counters = JobCounters()
+    driver = ReadDriver(make_replay_policy(policy_name, capacity, rows, block_size), block_size, counters)
+    backend = SimulatedBackend(driver, RemoteLink(latency_s, bandwidth_Bps))
+    versions: dict[str, tuple[str, int]] = {}  # path -> (version, object size) last seen
 
-    def forget(keys: Iterable[BlockKey]) -> None:
-        for key in keys:
-            arrivals.pop(key, None)
-            wasted = unread.pop(key, None)
-            if wasted is not None:
-                wasted[0].wasted_prefetch_bytes += wasted[1]
+    def handle(ts: float, row: TraceRow) -> None:
+        """Replay one row at ``ts``."""
+        backend.deliver_until(ts)
+        version = _version(row)
+        old = versions.get(row.path)
+        if old is not None and old[0] != version:  # a new version: the old blocks are stale
+            old_blocks = (BlockKey(row.path, old[0], i) for i in range(-(-old[1] // block_size)))
+            driver.drop([key for key in old_blocks if key in driver.policy])
+        versions[row.path] = (version, row.object_size)
+        if row.op == "prefetch":
+            first, last = block_span(row.offset, row.size, row.object_size, block_size)
+            backend.start(ts, driver.prefetch(job=row.job, path=row.path, version=version,
+                                              object_size=row.object_size, first=first, last=last))
+            return
+        plan = driver.plan(ts=ts, job=row.job, path=row.path, version=version, offset=row.offset,
+                           size=row.size, object_size=row.object_size, hint=row.hint or None)
+        backend.start(ts, plan.fetches)
+        driver.finish(plan)
 
     for row in rows:
-        ts, job, path, offset, size, object_size = row
-        tally = tallies.get(job) or tallies.setdefault(job, Tally())
-        version = _version(row)
-        old = versions.get(path)
-        if old is not None and old[0] != version:  # a new version: the old blocks are stale
-            old_blocks = (BlockKey(path, old[0], i) for i in range(-(-old[1] // block_size)))
-            stale = [key for key in old_blocks if key in policy]
-            for key in stale:
-                residency.drop(key)
-            forget(stale)
-        versions[path] = (version, object_size)
+        handle(row.ts, row)
+    backend.deliver_until(math.inf)  # as the live cache's flush() waits for every fetch
 
-        available = (lambda key: arrivals.get(key, ts) <= ts) if arrivals else None
-        plan = residency.plan(ts=ts, job=job, path=path, version=version, offset=offset,
-                              size=size, object_size=object_size, available=available)
-        end = offset + size
-        hit_bytes = 0
-        for key in plan.resident:
-            arrivals.pop(key, None)
-            unread.pop(key, None)
-            start = key.index * block_size
-            hit_bytes += min(end, start + block_size) - max(offset, start)
-        for key in plan.missing:
-            if key in policy:  # a prefetch still in flight: wait for it
-                prefetcher = unread.pop(key, None)
-                if prefetcher is not None:
-                    prefetcher[0].late_prefetches += 1
-                continue
-            length = block_length(key.index, object_size, block_size)
-            policy.observe_fetch(length, link.fetch(ts, length) - ts)
-            tally.remote_bytes += length
-            forget(residency.admit(key, length) or ())
-
-        tally.reads += 1
-        tally.requested_bytes += size
-        tally.hit_bytes += hit_bytes
-        if not plan.missing:
-            tally.hits += 1
-
-        for key in residency.prefetch(plan.access):
-            length = block_length(key.index, object_size, block_size)
-            arrival = link.fetch(ts, length)
-            policy.observe_fetch(length, arrival - ts)
-            tally.remote_bytes += length
-            evicted = residency.admit(key, length, prefetched=True)
-            if evicted is None:
-                tally.wasted_prefetch_bytes += length
-                continue
-            unread[key] = (tally, length)
-            arrivals[key] = arrival
-            forget(evicted)
-
-    total = Tally()
-    for t in tallies.values():
-        total.add(t)
     return {
         "policy": policy_name,
         "capacity": capacity,
-        **total.as_dict(),
+        **replay_metrics(counters.total),
         "block_size": block_size,
         "latency_s": latency_s,
         "bandwidth_Bps": bandwidth_Bps if math.isfinite(bandwidth_Bps) else None,
         "elapsed_s": round(time.perf_counter() - started, 3),
-        "jobs": {job: t.as_dict() for job, t in sorted(tallies.items())},
+        "jobs": {job: replay_metrics(c) for job, c in sorted(counters.jobs.items())},
     }
 
 

@@ -1,9 +1,13 @@
-"""The access-trace format: CSV with header ``ts,job,path,offset,size,object_size``.
+"""The access-trace format: CSV with header ``ts,job,path,offset,size,object_size,op,hint``.
 
-One row per read: ``ts`` seconds (float, non-decreasing), ``job`` the reader's
-id, ``path`` relative to the remote root, and the read ``[offset, offset+size)``
-of an object of ``object_size`` bytes (``size > 0``, the read within the
-object). :func:`read_trace` streams and validates rows; errors name the line.
+One row per request: ``ts`` seconds (float, non-decreasing), ``job`` the
+reader's id, ``path`` relative to the remote root, and the range
+``[offset, offset+size)`` of an object of ``object_size`` bytes (``size > 0``,
+within the object). ``op`` is ``read`` (a read, hit or miss) or ``prefetch``
+(a client's explicit prefetch of the range); ``hint`` is the pattern hint the
+client passed with a read, or empty. Traces with only the first six columns
+(every row a read without a hint) are read too. :func:`read_trace` streams and
+validates rows; errors name the line.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import IO, Iterable, Iterator, NamedTuple
 
-HEADER = ("ts", "job", "path", "offset", "size", "object_size")
+HEADER = ("ts", "job", "path", "offset", "size", "object_size", "op", "hint")
+SHORT_HEADER = HEADER[:6]
+OPS = ("read", "prefetch")
 
 
 class TraceRow(NamedTuple):
@@ -26,6 +32,8 @@ class TraceRow(NamedTuple):
     offset: int
     size: int
     object_size: int
+    op: str = "read"
+    hint: str = ""
 
 
 def read_trace(source: str | Path | IO[str]) -> Iterator[TraceRow]:
@@ -51,7 +59,8 @@ def _parse(f: IO[str], name: str) -> Iterator[TraceRow]:
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{name}: empty file, expected header {','.join(HEADER)}")
-    if tuple(field.strip() for field in header) != HEADER:
+    columns = tuple(field.strip() for field in header)
+    if columns not in (HEADER, SHORT_HEADER):
         raise ValueError(f"{name}:1: expected header {','.join(HEADER)}, got {','.join(header)}")
     strings: dict[str, str] = {}  # share one str per distinct job and path
     last_ts = -math.inf
@@ -60,7 +69,7 @@ def _parse(f: IO[str], name: str) -> Iterator[TraceRow]:
         if not fields:
             continue
         try:
-            row = _row(fields, strings)
+            row = _row(fields, strings, len(columns))
         except ValueError as e:
             raise ValueError(f"{name}:{line}: {e}") from None
         if row.ts < last_ts:
@@ -69,10 +78,13 @@ def _parse(f: IO[str], name: str) -> Iterator[TraceRow]:
         yield row
 
 
-def _row(fields: list[str], strings: dict[str, str]) -> TraceRow:
-    if len(fields) != len(HEADER):
-        raise ValueError(f"expected {len(HEADER)} fields ({','.join(HEADER)}), got {len(fields)}")
-    ts_text, job, path, offset_text, size_text, object_size_text = fields
+def _row(fields: list[str], strings: dict[str, str], ncolumns: int) -> TraceRow:
+    if len(fields) != ncolumns:
+        raise ValueError(f"expected {ncolumns} fields ({','.join(HEADER[:ncolumns])}), got {len(fields)}")
+    ts_text, job, path, offset_text, size_text, object_size_text = fields[:6]
+    op, hint = fields[6:] if ncolumns == len(HEADER) else ("read", "")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     try:
         ts = float(ts_text)
     except ValueError:
@@ -88,7 +100,8 @@ def _row(fields: list[str], strings: dict[str, str]) -> TraceRow:
         raise ValueError(f"size must be > 0, got {size}")
     if offset + size > object_size:
         raise ValueError(f"read [{offset}, {offset + size}) goes past object_size {object_size}")
-    return TraceRow(ts, strings.setdefault(job, job), strings.setdefault(path, path), offset, size, object_size)
+    return TraceRow(ts, strings.setdefault(job, job), strings.setdefault(path, path), offset, size, object_size,
+                    op, strings.setdefault(hint, hint))
 
 
 def _int(field: str, text: str) -> int:
@@ -115,7 +128,7 @@ class TraceWriter:
         if row.ts < self._last_ts:
             raise ValueError(f"ts {row.ts} is lower than the previous row's {self._last_ts}")
         self._last_ts = row.ts
-        self._writer.writerow((f"{row.ts:.6f}", row.job, row.path, row.offset, row.size, row.object_size))
+        self._writer.writerow((f"{row.ts:.6f}", *row[1:]))
         self.rows += 1
 
 

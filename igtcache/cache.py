@@ -1,17 +1,24 @@
 """``igtcache.Cache``: the engine. Serves byte ranges of remote objects from a
 bounded block cache with a memory tier and an LMDB disk tier.
 
-Concurrency model: one lock (``_lock``) guards the policy, the tiers' indexes
-and the counters and is never held across I/O. Block fetches are single-flight
-(one future per missing block, shared by every reader that wants it). Stores
-are serialized by ``_store_lock`` so that the disk tier changes in the order
-the policy decided; a block between that decision and its LMDB commit is
-served from ``_pending``.
+Each read goes through the read driver (``igtcache.read_driver``), the code
+path the trace replay runs too: it plans the read, names the demand and
+readahead fetches, admits blocks when they arrive and counts the outcome.
+This module supplies what the replay simulates: the remote, the tiers
+(``igtcache.tiered_store``), the metadata and the threads.
+
+Concurrency model: one lock (``_lock``) guards the driver, the policy, the
+tiers' indexes and the counters and is never held across I/O. Block fetches
+are single-flight (one future per block in flight, shared by every reader
+that wants it). Stores are serialized by ``_store_lock`` so that the disk
+tier changes in the order the policy decided; a block between that decision
+and its LMDB commit is served from the store's ``pending``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import fcntl
 import itertools
 import logging
@@ -19,18 +26,21 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 
 from igtcache.bench.trace import TraceRow, TraceWriter
 from igtcache.disk_tier import DiskFull, DiskTier
+from igtcache.jobs import resolve_job
 from igtcache.memory_tier import MemoryTier
 from igtcache.meta_table import MetaTable, parent
 from igtcache.policies import BlockKey, Policy, make_policy
-from igtcache.remote import ObjectInfo, Remote, check_range, normalize_path
-from igtcache.residency import Residency, block_length, block_span
+from igtcache.read_driver import Fetch, ReadDriver, ReadPlan
+from igtcache.remote import ObjectInfo, Remote, VersionChanged, check_range, normalize_path
+from igtcache.residency import block_span
 from igtcache.stats import CacheStats
+from igtcache.tiered_store import PIECES, TieredStore, join, slice_block
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,10 @@ class _ObjectChanged(Exception):
     """A fetched block's length disagrees with the object's known size."""
 
 
+class InvariantViolation(AssertionError):
+    """The cache's accounts disagree (:meth:`Cache.check_invariants`)."""
+
+
 class Cache:
     """A block cache in front of any fsspec remote.
 
@@ -62,8 +76,10 @@ class Cache:
     revalidates them all, so re-reads of a dataset do not pay a stat each.
     ``policy`` is a registered name (``igtcache.policies.POLICIES``) or a
     ``Policy`` instance whose capacity fits the tier it governs.
-    ``trace_path`` records every read as a trace CSV (``igtcache bench
-    replay`` reads it), so a live run can be replayed against other policies.
+    ``trace_path`` records every read and explicit prefetch as a trace CSV
+    (``igtcache bench replay`` reads it), so a live run can be replayed
+    against other policies. ``clock`` (wall-clock seconds, default
+    ``time.time``) times TTLs and accesses; tests inject their own.
     """
 
     STATS_STREAMS = 50  # most recently active streams listed by stats()
@@ -83,6 +99,7 @@ class Cache:
         retries: int = 3,
         timeout: float = 30.0,
         trace_path: str | os.PathLike | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -94,31 +111,31 @@ class Cache:
             self.remote = Remote(remote, root, retries=retries, timeout=timeout)
         self.block_size = block_size
         self.ttl = ttl
+        self._clock = clock
         self._lock = threading.RLock()
         self._store_lock = threading.Lock()
         self._dir_lock = None
         self.disk: DiskTier | None = None
         if cache_dir is not None:
             self._dir_lock = _lock_directory(Path(cache_dir))
-            self.disk = DiskTier(cache_dir, disk_bytes)
+            self.disk = DiskTier(cache_dir, disk_bytes, block_size=block_size, remote_id=self.remote.identity)
         capacity = disk_bytes if self.disk is not None else memory_bytes
         self.policy = make_policy(policy, capacity) if isinstance(policy, str) else policy
         if self.policy.capacity > capacity:
             raise ValueError(f"policy capacity {self.policy.capacity} exceeds the tier it governs ({capacity} bytes)")
         self.memory = MemoryTier(memory_bytes)
-        self.residency = Residency(self.policy, block_size)
+        self.store = TieredStore(self.memory, self.disk, self._lock)
         self.stats_counters = CacheStats()
+        self.driver = ReadDriver(self.policy, block_size, self.stats_counters)
         self._meta = MetaTable()
         self._listing: set[str] = set()  # directories being revalidated by a listing
         self._revalidator = concurrent.futures.ThreadPoolExecutor(1, "igtcache-revalidate")
         self._by_path: dict[str, set[BlockKey]] = {}
-        self._pending: dict[BlockKey, bytes] = {}
-        self._inflight: dict[BlockKey, concurrent.futures.Future] = {}
-        self._unused_prefetch: dict[BlockKey, int] = {}  # prefetched, not yet read: size
+        self._inflight: dict[BlockKey, concurrent.futures.Future] = {}  # the driver's fetches in flight
         self._store_pool = concurrent.futures.ThreadPoolExecutor(2, "igtcache-store")
         self._warned_disk_full = False
         self._closed = False
-        self._started = time.monotonic()
+        self._started = clock()
         # Line-buffered: a trace must keep every read up to a crash.
         self._trace_file = open(trace_path, "w", newline="", buffering=1) if trace_path is not None else None
         self._trace = TraceWriter(self._trace_file) if self._trace_file is not None else None
@@ -155,13 +172,13 @@ class Cache:
     def _read(self, path, offset, size, job, hint, out):
         self._check_open()
         check_range(offset, size)
-        job = str(os.getpid()) if job is None else str(job)
+        job = resolve_job(job)
         for attempt in range(2):
             info = self._info(path, refresh=attempt > 0)
             length = info.size - offset if size == -1 else size
             try:
                 return self._read_blocks(info, offset, max(0, length), job, hint, out)
-            except _ObjectChanged:
+            except (_ObjectChanged, VersionChanged):
                 if attempt:
                     raise OSError(f"{path!r} on {self.remote.url} keeps changing while being read") from None
                 self.invalidate(path)
@@ -186,25 +203,34 @@ class Cache:
             with self._lock:
                 self._meta.pop(path)
                 keys = list(self._by_path.get(path, ()))
-                for key in keys:
-                    self.residency.drop(key)
-                    self._forget(key)
+                self._forget_all(keys)
             self._delete_from_disk(keys)
             if self.disk is not None:
-                self.disk.delete_meta(path)
+                try:
+                    self.disk.delete_meta(path)
+                except DiskFull as exc:
+                    self._warn_disk_full(exc)
 
-    def prefetch(self, path: str, offset: int = 0, size: int = -1) -> int:
-        """Start fetching a range in the background; returns the number of blocks started."""
+    def prefetch(self, path: str, offset: int = 0, size: int = -1, *, job: str | None = None) -> int:
+        """Start fetching a range in the background; returns the number of blocks started.
+
+        Blocks already cached or in flight are not fetched again.
+        """
         self._check_open()
         check_range(offset, size)
+        job = resolve_job(job)
         info = self._info(path)
-        first, last = block_span(offset, info.size - offset if size == -1 else size, info.size, self.block_size)
-        keys = [BlockKey(info.path, info.version, i) for i in range(first, last + 1)]
+        size = info.size - offset if size == -1 else min(size, max(0, info.size - offset))
+        first, last = block_span(offset, size, info.size, self.block_size)
         with self._lock:
-            keys = [k for k in keys if k not in self.policy]
-        for key in keys:
-            self._fetch(key, info, prefetched=True)
-        return len(keys)
+            fetches = self.driver.prefetch(job=job, path=info.path, version=info.version,
+                                           object_size=info.size, first=first, last=last)
+            if self._trace is not None and last >= first:
+                self._trace.write(TraceRow(self._clock() - self._started, job, info.path, offset, size,
+                                           info.size, "prefetch", ""))
+            self._register(fetches)
+        self._start(fetches, info)
+        return len(fetches)
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job, and the most
@@ -218,8 +244,30 @@ class Cache:
             }
             if self.disk is not None:
                 out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
-            out["streams"] = self.residency.streams.streams(limit=self.STATS_STREAMS)
+            out["streams"] = self.driver.streams.streams(limit=self.STATS_STREAMS)
             return out
+
+    def check_invariants(self) -> None:
+        """Check that every account of residency agrees and every bound holds.
+
+        The policy's blocks, its own structures (``Policy.violations``), the
+        read driver's in-flight and unread-prefetch sets, the by-path index and
+        the tiers must agree; ``InvariantViolation`` lists where they do not.
+        Call it when the cache is quiet (after :meth:`flush`).
+        """
+        with self._store_lock, self._lock:
+            resident = set(self.policy.keys())
+            problems = list(self.policy.violations())
+            problems += self.driver.violations()
+            problems += self.store.violations(resident)
+            indexed = {key for keys in self._by_path.values() for key in keys}
+            if indexed != resident:
+                problems.append(f"by-path index has {len(indexed - resident)} blocks the policy does not and "
+                                f"lacks {len(resident - indexed)} it has")
+            if set(self._inflight) != set(self.driver.inflight):
+                problems.append("fetch futures and the driver's in-flight set disagree")
+        if problems:
+            raise InvariantViolation("; ".join(problems))
 
     def flush(self) -> None:
         """Wait until every block fetched so far is stored (on disk, with a disk tier).
@@ -234,6 +282,9 @@ class Cache:
                 pass
         with self._store_lock:  # a block is handed over under this lock, before its disk write
             pass
+        if self._trace_file is not None:
+            with self._lock:
+                self._trace_file.flush()
 
     def close(self) -> None:
         """Finish in-flight fetches and stores and close the disk tier intact."""
@@ -262,115 +313,96 @@ class Cache:
     def _read_blocks(self, info: ObjectInfo, offset: int, size: int, job: str, hint: str | None,
                      out: memoryview | None) -> bytes | int:
         """The read itself: bytes, or with ``out`` the count of bytes written there (``PIECES``: the pieces)."""
+        size = min(size, max(0, info.size - offset))
         with self._lock:
-            ts = time.monotonic()
-            plan = self.residency.plan(
-                ts=ts, job=job, path=info.path, version=info.version,
-                offset=offset, size=size, object_size=info.size, hint=hint,
-            )
+            ts = self._clock()
+            plan = self.driver.plan(ts=ts, job=job, path=info.path, version=info.version,
+                                    offset=offset, size=size, object_size=info.size, hint=hint)
             if self._trace is not None and plan.access.last_block >= plan.access.first_block:
-                self._trace.write(TraceRow(ts - self._started, job, info.path, offset,
-                                           min(size, info.size - offset), info.size))
-        spans = _spans(offset, size, info.size, self.block_size)
+                self._trace.write(TraceRow(ts - self._started, job, info.path, offset, size, info.size,
+                                           "read", hint or ""))
+            self._register(plan.fetches)
+            waits = {key.index: self._inflight[key] for key in plan.demand}
+        self._start(plan.fetches, info)
+        return self._gather(plan, info, waits, out)
+
+    def _gather(self, plan: ReadPlan, info: ObjectInfo, waits: dict, out) -> bytes | int:
+        """Collect a planned read's bytes from the tiers and its fetches, then count it."""
+        spans = _spans(plan.access.offset, plan.access.size, info.size, self.block_size)
         pieces: dict[int, bytes | memoryview] = {}
         on_disk: list[BlockKey] = []
-        missing = list(plan.missing)
+        refetched: list[BlockKey] = []
         for key in plan.resident:
-            block = self._from_memory(key)
+            with self._lock:
+                block = self.store.from_memory(key)
             if block is not None:
-                pieces[key.index] = _slice(block, *spans[key.index])
+                pieces[key.index] = slice_block(block, *spans[key.index])
             elif self.disk is not None:
                 on_disk.append(key)
             else:
-                self._lost(key)
-                missing.append(key)
-        futures = {key.index: self._fetch(key, info, prefetched=False) for key in missing}
-        for index, future in futures.items():
-            pieces[index] = _slice(future.result(), *spans[index])
-        self._start_prefetch(plan.access, info)
+                refetched.append(key)
+        for index, future in waits.items():
+            pieces[index] = slice_block(future.result(), *spans[index])
+        data = None
         if on_disk:
-            data, failed = self._join_with_disk(on_disk, pieces, spans, out)
-            if failed:
-                for key in failed:
-                    pieces[key.index] = _slice(self._fetch(key, info, prefetched=False).result(), *spans[key.index])
-                missing += failed
-                data = _join(pieces, out)
-        else:
-            data = _join(pieces, out)
-        length = sum(hi - lo for lo, hi in spans.values())
-        if not length:
-            return data  # touched no block: neither a hit nor a miss
-        from_remote = sum(spans[key.index][1] - spans[key.index][0] for key in missing)
+            data, corrupt, lost = self.store.join_with_disk(on_disk, pieces, spans, out, self._resident)
+            self._damaged(corrupt)
+            refetched += corrupt + lost
+        if refetched:
+            for key in refetched:
+                pieces[key.index] = slice_block(self._fetch_again(key, info, plan.access.job).result(), *spans[key.index])
+            data = None
+        if data is None:
+            data = join(pieces, out)
         with self._lock:
-            self.stats_counters.record_read(
-                job, hit=not missing, requested=length, from_cache=length - from_remote,
-                remote=sum(block_length(key.index, info.size, self.block_size) for key in missing),
-            )
+            self.driver.finish(plan, refetched)
         return data
 
-    def _join_with_disk(self, keys, pieces, spans, out) -> tuple[bytes | int, list[BlockKey]]:
-        """Add disk-tier blocks to ``pieces`` and join them (into ``out`` if given)
-        while their views are valid.
+    def _resident(self, key: BlockKey) -> bool:
+        return key in self.policy
 
-        Returns the joined result, or, where some blocks were missing or
-        corrupt, nothing and those keys (with the good pieces copied out).
-        """
-        promote = self.memory.capacity > 0
-        with self.disk.views(keys) as (views, corrupt):
-            lost = [key for key in keys if key not in views and key not in corrupt]
-            for key, view in views.items():
-                if promote:
-                    block = bytes(view)
-                    with self._lock:
-                        if key in self.policy:
-                            self.memory.put(key, block)
-                    pieces[key.index] = _slice(block, *spans[key.index])
-                elif out is PIECES:  # they leave the transaction
-                    pieces[key.index] = bytes(view[slice(*spans[key.index])])
-                else:
-                    pieces[key.index] = view[slice(*spans[key.index])]
-            if not corrupt and not lost:
-                return _join(pieces, out), []
-            for key in views:
-                pieces[key.index] = bytes(pieces[key.index])  # outlive the transaction
+    def _damaged(self, corrupt: list[BlockKey]) -> None:
+        """Blocks that failed their checksum: counted and dropped (fetched again by their reader)."""
+        if not corrupt:
+            return
         for key in corrupt:
             log.warning("block %d of %r failed its checksum; dropping it and fetching it again", key.index, key.path)
         with self._lock:
             self.stats_counters.corruptions += len(corrupt)
         self._drop_blocks(corrupt)
-        for key in lost:
-            self._lost(key)
-        return 0, corrupt + lost
 
-    def _from_memory(self, key: BlockKey) -> bytes | None:
-        """A resident block from the memory tier or a store in progress."""
-        with self._lock:
-            block = self.memory.get(key)
-            if block is None:
-                block = self._pending.get(key)
-            if self._unused_prefetch.pop(key, None) is not None:
-                self.stats_counters.prefetch_used += 1
-        return block
+    def _fetch_again(self, key: BlockKey, info: ObjectInfo, job: str) -> concurrent.futures.Future:
+        """Fetch a block the read planned as resident but no tier could give (lost or damaged).
 
-    def _lost(self, key: BlockKey) -> None:
-        """A block the policy holds but no tier has (its disk write failed, or it
-        was evicted after the read was planned): forget it, unless it came back
-        meanwhile -- dropping a re-stored block would leave its bytes on disk
-        outside the policy's account."""
+        A lost block is forgotten first, unless it came back meanwhile --
+        dropping a re-stored block would leave its bytes on disk outside the
+        policy's account.
+        """
         with self._store_lock, self._lock:
-            if key in self.memory or key in self._pending or (self.disk is not None and key in self.disk):
-                return
-            self.stats_counters.lost_blocks += 1
-            self.residency.drop(key)
-            self._forget(key)
+            if key in self.policy and not self.store.holds(key):
+                self.stats_counters.lost_blocks += 1
+                self._forget_all([key])
+            future = self._inflight.get(key)
+            if future is not None:
+                return future
+            block = self.store.from_memory(key) if key in self.policy else None
+            if block is not None:
+                future = concurrent.futures.Future()
+                future.set_result(block)
+                return future
+            fetches = self.driver.fetch_again(key, info.size, job)
+            self._register(fetches)
+            future = self._inflight[key]
+        self._start(fetches, info)
+        return future
 
     def _info(self, path: str, refresh: bool = False) -> ObjectInfo:
         path = normalize_path(path)
         with self._lock:
             cached = self._meta.get(path)
-        if cached and not refresh and time.time() - cached.fetched_at < self.ttl:
+        if cached and not refresh and self._clock() - cached.fetched_at < self.ttl:
             return cached
-        info = self.remote.info(path)
+        info = dataclasses.replace(self.remote.info(path), fetched_at=self._clock())
         self._validated(info, cached)
         if cached is not None:
             self._revalidate_directory_soon(parent(path))
@@ -391,7 +423,7 @@ class Cache:
 
     def _revalidate_directory_soon(self, directory: str) -> None:
         """List ``directory`` in the background if enough of its entries are past half their TTL."""
-        due_before = time.time() - self.ttl / 2
+        due_before = self._clock() - self.ttl / 2
         with self._lock:
             if self._closed or directory in self._listing:
                 return
@@ -402,7 +434,7 @@ class Cache:
         self._revalidator.submit(self._revalidate_directory, directory)
 
     def _revalidate_directory(self, directory: str) -> None:
-        started = time.time()
+        started = self._clock()
         try:
             listed = {e["name"]: e for e in self.remote.ls(directory) if e["type"] == "file"}
             with self._lock:
@@ -422,137 +454,107 @@ class Cache:
 
     # ------------------------------------------------------------------ fetching and storing
 
-    def _fetch(self, key: BlockKey, info: ObjectInfo, *, prefetched: bool) -> concurrent.futures.Future:
-        """The single-flight future of ``key``'s bytes, stored once they arrive."""
-        with self._lock:
-            future = self._inflight.get(key)
-            if future is not None:
-                return future
-            future = concurrent.futures.Future()
-            placed = self.memory.get(key) or self._pending.get(key)
-            if placed is not None:  # stored since the caller planned its read
-                future.set_result(placed)
-                return future
-            self._inflight[key] = future
-            if prefetched:
-                self.stats_counters.prefetch_issued += 1
-        start = key.index * self.block_size
-        expected = block_length(key.index, info.size, self.block_size)
-        started = time.monotonic()
-        remote_future = self.remote.fetch(info.path, start, start + expected)
-        remote_future.add_done_callback(
-            lambda done: self._store_pool.submit(
-                self._complete, key, expected, done, future, prefetched, time.monotonic() - started
-            )
-        )
-        return future
+    def _register(self, fetches: list[Fetch]) -> None:
+        """A future for each fetch the driver issued, for its readers to wait on (lock held)."""
+        for fetch in fetches:
+            self._inflight[fetch.key] = concurrent.futures.Future()
 
-    def _complete(self, key, expected, done, future, prefetched, seconds) -> None:
+    def _start(self, fetches: list[Fetch], info: ObjectInfo) -> None:
+        """Start the driver's fetches on the remote, demand first; each is stored when it arrives."""
+        for fetch in fetches:
+            start = fetch.key.index * self.block_size
+            started = time.monotonic()
+            remote_future = self.remote.fetch(info.path, start, start + fetch.length, version=fetch.key.version)
+            remote_future.add_done_callback(
+                lambda done, fetch=fetch, started=started: self._store_pool.submit(
+                    self._arrived, fetch, done, time.monotonic() - started
+                )
+            )
+
+    def _arrived(self, fetch: Fetch, done: concurrent.futures.Future, seconds: float) -> None:
+        key = fetch.key
+        with self._lock:
+            future = self._inflight[key]
         try:
             data = done.result()
-            if len(data) != expected:
+            if len(data) != fetch.length:
                 raise _ObjectChanged(key.path)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             with self._lock:
-                self._inflight.pop(key, None)
-                self.stats_counters.remote_errors += not isinstance(exc, _ObjectChanged)
+                self.driver.failed(key)
+                del self._inflight[key]
+                if isinstance(exc, (_ObjectChanged, VersionChanged)):
+                    self.stats_counters.version_changes += 1
+                else:
+                    self.stats_counters.remote_errors += 1
             future.set_exception(exc)
             return
-        with self._lock:
-            self.policy.observe_fetch(len(data), seconds)
-            self.stats_counters.remote_fetches += 1
-            self.stats_counters.remote_bytes += len(data)
-            self.stats_counters.remote_seconds += seconds
-            if prefetched:
-                self.stats_counters.prefetch_bytes += len(data)
+        self._store(key, data, seconds, future)
 
-        def hand_over() -> None:
-            with self._lock:
-                self._inflight.pop(key, None)
-            future.set_result(data)
-
-        self._store(key, data, prefetched, hand_over)
-
-    def _store(self, key: BlockKey, data: bytes, prefetched: bool, hand_over) -> None:
-        """Let the policy place a fetched block, ``hand_over`` it to its waiters,
-        then write it to disk: readers need not wait for the disk write, since
-        the block is in ``_pending`` until it is committed."""
+    def _store(self, key: BlockKey, data: bytes, seconds: float, future: concurrent.futures.Future) -> None:
+        """Let the policy place an arrived block, hand it to its waiters, then write it to
+        disk: readers need not wait for the disk write, since the block is in the
+        store's ``pending`` until it is committed."""
+        evicted = None
         with self._store_lock:
             try:
                 with self._lock:
+                    self.stats_counters.remote_seconds += seconds
                     current = self._meta.get(key.path)
-                    if current is not None and current.version != key.version:
-                        return  # the object changed while this block was in flight
-                    evicted = self.residency.admit(key, len(data), prefetched=prefetched)
-                    if evicted is None:
-                        return
-                    for victim in evicted:
-                        self._forget(victim)
-                    self.stats_counters.evictions += len(evicted)
-                    self._by_path.setdefault(key.path, set()).add(key)
-                    self.memory.put(key, data)
-                    if prefetched:
-                        self._unused_prefetch[key] = len(data)
-                    if self.disk is not None:
-                        self._pending[key] = data
+                    changed = current is not None and current.version != key.version
+                    evicted = self.driver.arrived(key, len(data), seconds, admit=not changed)
+                    del self._inflight[key]
+                    if evicted is not None:
+                        self._forget_all(evicted, left_policy=True)
+                        self.stats_counters.evictions += len(evicted)
+                        self._by_path.setdefault(key.path, set()).add(key)
+                        self.store.place(key, data)
             finally:
-                hand_over()
-            if self.disk is not None:
+                future.set_result(data)
+            if evicted is not None:
                 try:
-                    self.disk.write(puts=[(key, data)], deletes=evicted)
+                    self.store.commit(key, data, evicted)
                 except DiskFull as exc:
                     self._warn_disk_full(exc)
                     self._delete_from_disk(evicted)
-                finally:
-                    with self._lock:
-                        self._pending.pop(key, None)
 
     def _drop_blocks(self, keys: list[BlockKey]) -> None:
         with self._store_lock:
             with self._lock:
-                for key in keys:
-                    self.residency.drop(key)
-                    self._forget(key)
+                self._forget_all(keys)
             self._delete_from_disk(keys)
 
     def _delete_from_disk(self, keys: list[BlockKey]) -> None:
         """Remove blocks from the disk tier (store lock held); a failure only warns."""
-        if self.disk is None or not keys:
-            return
         try:
-            self.disk.write(deletes=keys)
+            self.store.delete(keys)
         except DiskFull as exc:
             self._warn_disk_full(exc)
 
-    def _forget(self, key: BlockKey) -> None:
-        """Drop a block that left the policy from the memory tier and indexes (lock held)."""
-        self.memory.discard(key)
-        siblings = self._by_path.get(key.path)
-        if siblings is not None:
-            siblings.discard(key)
-            if not siblings:
-                del self._by_path[key.path]
-        self.stats_counters.prefetch_wasted_bytes += self._unused_prefetch.pop(key, 0)
-
-    def _start_prefetch(self, access, info: ObjectInfo) -> None:
-        with self._lock:
-            keys = [k for k in self.residency.prefetch(access) if k not in self._inflight]
+    def _forget_all(self, keys: list[BlockKey], *, left_policy: bool = False) -> None:
+        """Drop blocks from the policy (unless they already ``left_policy``), the memory
+        tier and the indexes (lock held); their disk copies are the caller's to delete."""
+        if not left_policy:
+            self.driver.drop(keys)
         for key in keys:
-            self._fetch(key, info, prefetched=True)
+            self.store.evict(key)
+            siblings = self._by_path.get(key.path)
+            if siblings is not None:
+                siblings.discard(key)
+                if not siblings:
+                    del self._by_path[key.path]
 
     def _restore_from_disk(self) -> None:
         """Re-admit the blocks the disk tier kept across a restart, oldest first."""
         self._meta.update(self.disk.load_meta().values())
         surplus: list[BlockKey] = []
         for key, size in self.disk.entries():
-            evicted = self.residency.admit(key, size) or []
+            evicted = self.driver.residency.admit(key, size) or []
             surplus.extend(evicted)
-            for victim in evicted:
-                self._forget(victim)
+            self._forget_all(evicted, left_policy=True)
             if key in self.policy:
                 self._by_path.setdefault(key.path, set()).add(key)
-        if surplus:
-            self.disk.write(deletes=surplus)
+        self._delete_from_disk(surplus)
 
     def _warn_disk_full(self, exc: OSError) -> None:
         with self._lock:
@@ -575,33 +577,6 @@ def _spans(offset: int, size: int, object_size: int, block_size: int) -> dict[in
         base = index * block_size
         spans[index] = (max(offset, base) - base, min(end, base + block_size) - base)
     return spans
-
-
-def _slice(block: bytes, lo: int, hi: int) -> bytes | memoryview:
-    """``block[lo:hi]`` without a copy (the whole block itself where it is all wanted)."""
-    return block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi]
-
-
-#: ``out`` of a read that returns its pieces unjoined (``Cache.read_pieces``).
-PIECES = object()
-
-
-def _join(blocks: dict[int, bytes | memoryview], out=None) -> bytes | int | list[bytes | memoryview]:
-    """One ``bytes`` from the pieces in block order, or, with ``out``, the pieces
-    copied into it and their total length, or with ``out`` ``PIECES`` the
-    pieces themselves; each byte is copied at most once."""
-    pieces = [blocks[index] for index in sorted(blocks)]
-    if out is PIECES:
-        return pieces
-    if out is not None:
-        position = 0
-        for piece in pieces:
-            out[position:position + len(piece)] = piece
-            position += len(piece)
-        return position
-    if len(pieces) == 1 and isinstance(pieces[0], bytes):
-        return pieces[0]
-    return b"".join(pieces)
 
 
 def _lock_directory(directory: Path):

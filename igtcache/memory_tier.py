@@ -42,6 +42,9 @@ class MemoryTier:
             del self._data[victim]
         self._data[key] = data
 
+    def keys(self) -> list[Hashable]:
+        return list(self._data)
+
     def discard(self, key: Hashable) -> None:
         if self._data.pop(key, None) is not None:
             self._order.remove(key)

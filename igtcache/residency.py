@@ -1,5 +1,5 @@
-"""Drives a policy over block accesses: the one code path shared by the live
-cache (``igtcache.Cache``) and the trace replay (``igtcache.bench.replay``).
+"""Applies a policy to block accesses, under the read driver
+(``igtcache.read_driver``) that the live cache and the trace replay share.
 
 The caller supplies bytes and clocks; this module only decides. It is not
 thread-safe: the engine calls it under its own lock.
@@ -63,19 +63,13 @@ class Residency:
         size: int,
         object_size: int,
         hint: str | None = None,
-        available=None,
     ) -> Plan:
-        """Split a read into resident and missing blocks and tell the policy.
-
-        ``available(key)`` may veto residency (a prefetch not yet arrived);
-        by default every block the policy holds counts as resident.
-        """
+        """Split a read into resident and missing blocks and tell the policy."""
         self.streams.record(path, offset, size, job, ts)
         first, last = block_span(offset, size, object_size, self.block_size)
         keys = [BlockKey(path, version, i) for i in range(first, last + 1)]
-        is_resident = (lambda k: k in self.policy) if available is None else (lambda k: k in self.policy and available(k))
-        resident = [k for k in keys if is_resident(k)]
-        missing = [k for k in keys if not is_resident(k)]
+        resident = [k for k in keys if k in self.policy]
+        missing = [k for k in keys if k not in self.policy]
         access = Access(
             ts=ts, job=job, path=path, version=version, offset=offset, size=size,
             object_size=object_size, block_size=self.block_size,

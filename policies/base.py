@@ -115,6 +115,15 @@ class Policy(ABC):
         self.used -= size
         self._on_remove(key)
 
+    def violations(self) -> list[str]:
+        """Where the policy's own accounts disagree or its bound is broken (empty when sound)."""
+        out = []
+        if self.used != sum(self._sizes.values()):
+            out.append(f"{self.name}: used {self.used} != {sum(self._sizes.values())} bytes of its blocks")
+        if self.used > self.capacity:
+            out.append(f"{self.name}: holds {self.used} bytes, over its capacity {self.capacity}")
+        return out
+
     @abstractmethod
     def touch(self, key: Hashable) -> None:
         """A resident block was used."""

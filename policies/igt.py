@@ -325,6 +325,28 @@ class IGT(Policy):
     def _on_remove(self, key: Hashable) -> None:
         self._unplace(key, self._blocks.pop(key))
 
+    def violations(self) -> list[str]:
+        out = super().violations()
+        if self._blocks.keys() != self._sizes.keys():
+            out.append(f"igt: {len(self._blocks)} valued blocks against {len(self._sizes)} resident")
+        places = {
+            _PROTECTED: set(self._protected),
+            _UNIFORM: {k for s in self._streams.values() for k in s.blocks} | set(self._orphans.blocks),
+            _SKEWED: set(self._skew),
+            _POOL: set(self._pool.keys()),
+        }
+        for key, blk in self._blocks.items():
+            if key not in places.get(blk.place, ()):
+                out.append(f"igt: {key} is placed in class {blk.place} but not held there")
+                break
+        held = sum(len(keys) for keys in places.values())
+        if held != len(self._blocks):
+            out.append(f"igt: classes hold {held} blocks, {len(self._blocks)} resident")
+        protected = sum(self._blocks[k].size for k in self._protected if k in self._blocks)
+        if protected != self._protected_bytes:
+            out.append(f"igt: protected bytes {self._protected_bytes} != {protected}")
+        return out + [f"igt pool: {v}" for v in self._pool.violations()]
+
     # -- readers and streams -----------------------------------------------
 
     def _reader(self, access: Access) -> Reader:

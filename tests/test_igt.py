@@ -191,15 +191,19 @@ def test_a_finished_jobs_hot_set_gives_way_to_a_running_job():
 
 
 def test_sequential_scans_are_prefetched_with_little_waste():
-    """One-pass scans at 1 GB/s over a 20 ms remote: nearly every read hits."""
+    """One-pass scans at 1 GB/s over a 20 ms remote: most reads hit, where LRU hits none.
+
+    Blocks are cached when they arrive, so the reads of a file's first
+    20 ms (the readahead's lead, 20 blocks of 4 reads) wait on fetches in
+    flight and miss; LRU's reads all wait on their own demand fetches."""
     block = 1 * MiB
     files = 4
     rows = list(gen.Preprocess(jobs=2, files=files, file_size=128 * MiB, read_size=256 * KiB,
                                throughput=1000**3).rows(random.Random(7)))
     results = run(rows, ["igt", "lru"], 256 * MiB, block, latency_s=0.02, bandwidth_Bps=4e9)
     igt = results["igt"]
-    assert igt["byte_hit_ratio"] >= 0.9
-    assert igt["hit_ratio"] > results["lru"]["hit_ratio"] + 0.15
+    assert igt["byte_hit_ratio"] >= 0.75
+    assert igt["hit_ratio"] > results["lru"]["hit_ratio"] + 0.5
     assert igt["wasted_prefetch_bytes"] <= 0.1 * igt["remote_bytes"]
     assert igt["late_prefetches"] <= files
 
@@ -208,15 +212,18 @@ def test_sequential_scans_are_prefetched_with_little_waste():
 def test_readahead_depth_follows_latency(latency_s):
     """The same scan behind a 10x slower remote still hits once under way: the window deepens.
 
-    Only the blocks a scan needs before any fetch could land (the lead at
-    the start of each file) miss.
+    Only the reads at the start of each file miss: those of the blocks a
+    scan needs before any fetch could land (the lead), or, where that is
+    shorter, of the blocks it reads before it is recognised as a scan.
     """
     block = 1 * MiB
     rows = list(gen.Preprocess(jobs=1, files=2, file_size=256 * MiB, read_size=512 * KiB,
                                throughput=400 * 1000**2).rows(random.Random(8)))
     result = replay(rows, "igt", 256 * MiB, block, latency_s=latency_s, bandwidth_Bps=4e9)
     lead = latency_s * 400e6 / block + 2
-    assert result["hit_ratio"] >= 1 - 2 * lead / len(rows) - 0.01
+    warm_up = 13  # blocks read before the scan is recognised
+    reads_per_block = block // (512 * KiB)
+    assert result["hit_ratio"] >= 1 - 2 * max(lead, warm_up) * reads_per_block / len(rows)
     assert result["late_prefetches"] <= 2
     assert result["wasted_prefetch_bytes"] == 0
 
