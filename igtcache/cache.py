@@ -206,10 +206,7 @@ class Cache:
                 self._forget_all(keys)
             self._delete_from_disk(keys)
             if self.disk is not None:
-                try:
-                    self.disk.delete_meta(path)
-                except DiskFull as exc:
-                    self._warn_disk_full(exc)
+                self.disk.delete_meta(path)
 
     def prefetch(self, path: str, offset: int = 0, size: int = -1, *, job: str | None = None) -> int:
         """Start fetching a range in the background; returns the number of blocks started.

@@ -29,3 +29,20 @@ def s3(s3_server, request):
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
     return fs, prefix
+
+
+@pytest.fixture(autouse=True)
+def invariants_checked_on_close(monkeypatch):
+    """Every Cache a test closes first passes ``check_invariants()`` once quiet:
+    concurrency and fault tests end with the accounts checked."""
+    from igtcache import Cache
+
+    close = Cache.close
+
+    def checked_close(self):
+        if not self._closed:
+            self.flush()
+            self.check_invariants()
+        close(self)
+
+    monkeypatch.setattr(Cache, "close", checked_close)
