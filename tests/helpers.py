@@ -37,6 +37,19 @@ def file_remote(tmp_path) -> Remote:
     return Remote(fsspec.filesystem("file"), str(root))
 
 
+class ManualClock:
+    """A clock for ``Cache(clock=...)`` that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def in_threads(work: Callable[[int], None], count: int, timeout: float | None = None) -> list[BaseException]:
     """Run ``work(0)`` ... ``work(count - 1)`` at once, one thread each; return what they raised."""
     errors: list[BaseException] = []

@@ -16,7 +16,7 @@ import pytest
 from igtcache import Cache, RemoteError
 
 from igtcache.local_s3 import LocalS3
-from .helpers import file_remote, in_threads, memory_remote
+from .helpers import ManualClock, file_remote, in_threads, memory_remote
 
 BLOCK = 64 * 1024
 
@@ -80,10 +80,13 @@ def test_object_overwritten_on_remote_is_never_served_stale_after_ttl(s3):
     fs, prefix = s3
     old, new = b"A" * (3 * BLOCK), b"B" * (3 * BLOCK + 5)
     fs.pipe(f"{prefix}/obj", old)
-    with Cache(fs, root=prefix, block_size=BLOCK, ttl=0.3) as cache:
+    clock = ManualClock()
+    with Cache(fs, root=prefix, block_size=BLOCK, ttl=30, clock=clock) as cache:
         assert cache.read("obj") == old
         fs.pipe(f"{prefix}/obj", new)
-        time.sleep(0.4)
+        clock.advance(29)
+        assert cache.read("obj", BLOCK - 2, 4) == b"AAAA"  # within the TTL the known version is served
+        clock.advance(2)
         assert cache.read("obj", BLOCK - 2, 4) == b"BBBB"
         assert cache.read("obj") == new
         assert cache.info("obj")["size"] == len(new)
@@ -95,11 +98,12 @@ def test_a_directory_due_for_revalidation_is_listed_once_not_stat_per_read(s3):
     fs, prefix = s3
     files = {f"ds/{i:03d}": bytes([i]) * 1000 for i in range(24)}
     fs.pipe({f"{prefix}/{name}": data for name, data in files.items()})
-    with Cache(fs, root=prefix, block_size=BLOCK, ttl=2.0) as cache:
+    clock = ManualClock()
+    with Cache(fs, root=prefix, block_size=BLOCK, ttl=2.0, clock=clock) as cache:
         for name, data in files.items():
             assert cache.read(name) == data
         fs.pipe(f"{prefix}/ds/007", b"changed")
-        time.sleep(2.1)
+        clock.advance(2.1)
         stats = []
         real_info = cache.remote.info
         cache.remote.info = lambda path: (stats.append(path), real_info(path))[1]  # counts the real remote's stats
