@@ -2,18 +2,21 @@
 
 Adds what a cache needs on top of fsspec: one place that maps errors (missing,
 denied, timed out, failing), bounded retries with backoff, an object version
-for every stat, and block fetches that return futures. Async filesystems
-(s3fs) are driven on their own event loop (``fs.loop``); synchronous ones
-(``file://``, ``memory://``) on a small thread pool.
+for every stat, and block fetches that return futures and can be pinned to a
+version (S3 ``If-Match``; elsewhere a stat before and after the read). Async
+filesystems (s3fs) are driven on their own event loop (``fs.loop``);
+synchronous ones (``file://``, ``memory://``) on a small thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import posixpath
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,12 +25,30 @@ from fsspec.asyn import AsyncFileSystem
 
 log = logging.getLogger(__name__)
 
-# Errors that retrying cannot fix.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
-
 
 class RemoteError(OSError):
     """The remote failed for an object after all retries."""
+
+
+class VersionChanged(OSError):
+    """A fetch pinned to a version found the object at another one; never retried.
+
+    ``found`` is ``None`` where the remote only said that the version no longer
+    matches (S3 answers a failed ``If-Match`` with 412 and no ETag).
+    """
+
+    def __init__(self, path: str, expected: str, found: str | None) -> None:
+        super().__init__(f"{path!r} changed: expected version {expected}, found {found or 'another (If-Match failed)'}")
+        self.path = path
+        self.expected = expected
+        self.found = found
+
+    def __reduce__(self):
+        return type(self), (self.path, self.expected, self.found)
+
+
+# Errors that retrying cannot fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, VersionChanged)
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,18 @@ def normalize_path(path: str) -> str:
     return "/".join(parts)
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error (botocore's, or s3fs's translation of it) is a failed precondition (412)."""
+    for error in (exc, exc.__cause__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and (
+            response.get("Error", {}).get("Code") == "PreconditionFailed"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        ):
+            return True
+    return False
+
+
 class Remote:
     """An fsspec filesystem rooted at ``root``, with retries and clear errors."""
 
@@ -109,6 +142,21 @@ class Remote:
     def url(self) -> str:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return f"{protocol}://{self.root}"
+
+    @property
+    def identity(self) -> str:
+        """Which remote this is, for a disk tier to tell whose bytes it holds:
+        ``protocol://root``, plus ``at <endpoint>`` where an S3 endpoint is set.
+        Never holds credentials (user info and query are dropped from the endpoint)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        root = self.fs._strip_protocol(self.root).rstrip("/") if self.root else ""
+        identity = f"{protocol}://{root}"
+        endpoint = getattr(self.fs, "endpoint_url", None) or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        if endpoint:
+            parts = urllib.parse.urlsplit(str(endpoint))
+            host = parts.netloc.rpartition("@")[2]
+            identity += f" at {urllib.parse.urlunsplit((parts.scheme, host, parts.path, '', ''))}"
+        return identity
 
     def full_path(self, path: str) -> str:
         rel = normalize_path(path)
@@ -144,13 +192,75 @@ class Remote:
             for e in entries
         ]
 
-    def fetch(self, path: str, start: int, end: int) -> concurrent.futures.Future:
-        """Start fetching bytes ``[start, end)`` of ``path``; a future of ``bytes``."""
+    def fetch(self, path: str, start: int, end: int, version: str | None = None) -> concurrent.futures.Future:
+        """Start fetching bytes ``[start, end)`` of ``path``; a future of ``bytes``.
+
+        With ``version`` (as :meth:`info` gives it) the bytes are proven to be of
+        that version or the future fails with :class:`VersionChanged`, not retried.
+        """
         full = self.full_path(path)
         if self.is_async:
-            coro = self._retrying_async(path, lambda: self.fs._cat_file(full, start=start, end=end))
-            return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
-        return self._pool.submit(self._retrying, path, lambda: self.fs.cat_file(full, start=start, end=end))
+            if version is None:
+                make_call = functools.partial(self.fs._cat_file, full, start=start, end=end)
+            elif hasattr(self.fs, "_call_s3"):
+                make_call = functools.partial(self._s3_range, path, full, start, end, version)
+            else:
+                make_call = functools.partial(self._stat_checked_async, path, full, start, end, version)
+            return asyncio.run_coroutine_threadsafe(self._retrying_async(path, make_call), self.fs.loop)
+        if version is None:
+            call = functools.partial(self.fs.cat_file, full, start=start, end=end)
+        else:
+            call = functools.partial(self._stat_checked, path, full, start, end, version)
+        return self._pool.submit(self._retrying, path, call)
+
+    async def _s3_range(self, path: str, full: str, start: int, end: int, version: str) -> bytes:
+        """One ranged GET with ``If-Match``: S3 serves the range only from that ETag."""
+        if end <= start:
+            return b""
+        bucket, key, version_id = self.fs.split_path(full)
+        try:
+            response = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=f'"{version}"',
+                **({"VersionId": version_id} if version_id else {}),
+            )
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise VersionChanged(path, version, None) from exc
+            raise
+        body = response["Body"]
+        try:
+            # A server that ignores If-Match still names what it served.
+            found = str(response.get("ETag") or "").strip('"')
+            if found and found != version:
+                raise VersionChanged(path, version, found)
+            return await body.read()
+        finally:
+            body.close()
+
+    def _stat_checked(self, path: str, full: str, start: int, end: int, version: str) -> bytes:
+        """A read between two stats that both show ``version`` (size and mtime, or an ETag)."""
+        self._check_version(path, version, self._fresh_info(full))
+        data = self.fs.cat_file(full, start=start, end=end)
+        self._check_version(path, version, self._fresh_info(full))
+        return data
+
+    async def _stat_checked_async(self, path: str, full: str, start: int, end: int, version: str) -> bytes:
+        self.fs.invalidate_cache(full)
+        self._check_version(path, version, await self.fs._info(full))
+        data = await self.fs._cat_file(full, start=start, end=end)
+        self.fs.invalidate_cache(full)
+        self._check_version(path, version, await self.fs._info(full))
+        return data
+
+    def _fresh_info(self, full: str) -> dict[str, Any]:
+        self.fs.invalidate_cache(full)
+        return self.fs.info(full)
+
+    @staticmethod
+    def _check_version(path: str, expected: str, info: dict[str, Any]) -> None:
+        found = object_version(info)
+        if found != expected:
+            raise VersionChanged(path, expected, found)
 
     def _call(self, path: str, sync_call: Callable[[], Any], async_call: Callable[[], Any]) -> Any:
         """One remote call with retries; on an async filesystem each attempt is bounded by ``timeout``."""
