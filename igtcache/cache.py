@@ -31,7 +31,9 @@ from typing import Any, Callable
 import fsspec
 
 from igtcache.bench.trace import TraceRow, TraceWriter
+from igtcache.cluster_tier import ClusterTier
 from igtcache.disk_tier import DiskFull, DiskTier
+from igtcache.fetch_sources import ClusterSource, Fetched, RemoteSource
 from igtcache.jobs import resolve_job
 from igtcache.memory_tier import MemoryTier
 from igtcache.meta_table import MetaTable, parent
@@ -76,6 +78,12 @@ class Cache:
     revalidates them all, so re-reads of a dataset do not pay a stat each.
     ``policy`` is a registered name (``igtcache.policies.POLICIES``) or a
     ``Policy`` instance whose capacity fits the tier it governs.
+    ``cluster`` (``redis://HOST:PORT[,HOST:PORT...]``, ``rediss://`` for TLS,
+    ``redis://user:password@...`` for ACL, or a ``ClusterTier``) adds a tier
+    shared by every node between the node tiers and the remote: misses look
+    there first, and what this node fetches from the remote is published
+    there when the policy finds it worth sharing; ``cluster_prefix`` keeps
+    several deployments on one Redis apart.
     ``trace_path`` records every read and explicit prefetch as a trace CSV
     (``igtcache bench replay`` reads it), so a live run can be replayed
     against other policies. ``clock`` (wall-clock seconds, default
@@ -100,6 +108,8 @@ class Cache:
         timeout: float = 30.0,
         trace_path: str | os.PathLike | None = None,
         clock: Callable[[], float] = time.time,
+        cluster: str | ClusterTier | None = None,
+        cluster_prefix: str = "igtcache",
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -127,6 +137,7 @@ class Cache:
         self.store = TieredStore(self.memory, self.disk, self._lock)
         self.stats_counters = CacheStats()
         self.driver = ReadDriver(self.policy, block_size, self.stats_counters)
+        self.source = self._source(cluster, cluster_prefix)
         self._meta = MetaTable()
         self._listing: set[str] = set()  # directories being revalidated by a listing
         self._revalidator = concurrent.futures.ThreadPoolExecutor(1, "igtcache-revalidate")
@@ -241,6 +252,8 @@ class Cache:
             }
             if self.disk is not None:
                 out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
+            if isinstance(self.source, ClusterSource):
+                out["tiers"]["cluster"] = cluster_state(self.source.cluster.stats())
             out["streams"] = self.driver.streams.streams(limit=self.STATS_STREAMS)
             return out
 
@@ -291,6 +304,7 @@ class Cache:
         self.flush()
         self._store_pool.shutdown(wait=True)
         self._revalidator.shutdown(wait=True, cancel_futures=True)
+        self.source.close()
         self.remote.close()
         if self._trace_file is not None:
             self._trace_file.close()
@@ -461,7 +475,7 @@ class Cache:
         for fetch in fetches:
             start = fetch.key.index * self.block_size
             started = time.monotonic()
-            remote_future = self.remote.fetch(info.path, start, start + fetch.length, version=fetch.key.version)
+            remote_future = self.source.fetch(fetch.key, start, start + fetch.length)
             remote_future.add_done_callback(
                 lambda done, fetch=fetch, started=started: self._store_pool.submit(
                     self._arrived, fetch, done, time.monotonic() - started
@@ -473,8 +487,8 @@ class Cache:
         with self._lock:
             future = self._inflight[key]
         try:
-            data = done.result()
-            if len(data) != fetch.length:
+            fetched: Fetched = done.result()
+            if len(fetched.data) != fetch.length:
                 raise _ObjectChanged(key.path)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             with self._lock:
@@ -486,20 +500,21 @@ class Cache:
                     self.stats_counters.remote_errors += 1
             future.set_exception(exc)
             return
-        self._store(key, data, seconds, future)
+        self._store(key, fetched, seconds, future)
 
-    def _store(self, key: BlockKey, data: bytes, seconds: float, future: concurrent.futures.Future) -> None:
+    def _store(self, key: BlockKey, fetched: Fetched, seconds: float, future: concurrent.futures.Future) -> None:
         """Let the policy place an arrived block, hand it to its waiters, then write it to
         disk: readers need not wait for the disk write, since the block is in the
         store's ``pending`` until it is committed."""
         evicted = None
+        data = fetched.data
         with self._store_lock:
             try:
                 with self._lock:
                     self.stats_counters.remote_seconds += seconds
                     current = self._meta.get(key.path)
                     changed = current is not None and current.version != key.version
-                    evicted = self.driver.arrived(key, len(data), seconds, admit=not changed)
+                    evicted = self.driver.arrived(key, len(data), seconds, admit=not changed, source=fetched.source)
                     del self._inflight[key]
                     if evicted is not None:
                         self._forget_all(evicted, left_policy=True)
@@ -541,6 +556,21 @@ class Cache:
                 if not siblings:
                     del self._by_path[key.path]
 
+    def _source(self, cluster: str | ClusterTier | None, prefix: str) -> RemoteSource | ClusterSource:
+        """The fetch backend: the remote, behind the cluster tier where one is configured."""
+        origin = RemoteSource(self.remote)
+        if cluster is None:
+            return origin
+        if isinstance(cluster, str):
+            cluster = ClusterTier(cluster, remote_id=self.remote.identity, block_size=self.block_size, prefix=prefix)
+        elif cluster.block_size != self.block_size:
+            raise ValueError(f"cluster tier block size {cluster.block_size} differs from the cache's {self.block_size}")
+        return ClusterSource(cluster, origin, self._worth_sharing, wait_s=cluster.lease_ms / 1000)
+
+    def _worth_sharing(self, key: BlockKey) -> bool:
+        with self._lock:
+            return self.policy.worth_sharing(key)
+
     def _restore_from_disk(self) -> None:
         """Re-admit the blocks the disk tier kept across a restart, oldest first."""
         self._meta.update(self.disk.load_meta().values())
@@ -574,6 +604,15 @@ def _spans(offset: int, size: int, object_size: int, block_size: int) -> dict[in
         base = index * block_size
         spans[index] = (max(offset, base) - base, min(end, base + block_size) - base)
     return spans
+
+
+def cluster_state(stats: dict[str, Any]) -> dict[str, Any]:
+    """The cluster tier's counters with its state: ``up`` (every circuit closed),
+    ``down`` (every circuit open) or ``degraded`` (some open or probing)."""
+    states = list(stats["circuit"].values())
+    closed = sum(state == "closed" for state in states)
+    state = "up" if closed == len(states) else "down" if all(s == "open" for s in states) else "degraded"
+    return {"state": state, **stats}
 
 
 def _lock_directory(directory: Path):

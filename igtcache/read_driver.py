@@ -151,8 +151,10 @@ class ReadDriver:
         count(access.job, "bytes_requested", access.size)
         count(access.job, "bytes_from_cache", hit_bytes)
 
-    def arrived(self, key: BlockKey, length: int, seconds: float, *, admit: bool = True) -> list[BlockKey] | None:
-        """A fetched block's bytes arrived after ``seconds``: offer it to the policy.
+    def arrived(self, key: BlockKey, length: int, seconds: float, *, admit: bool = True,
+                source: str = "remote") -> list[BlockKey] | None:
+        """A fetched block's bytes arrived after ``seconds`` from ``source`` (``"remote"``
+        or ``"cluster"``): offer it to the policy.
 
         Returns the keys evicted for it, or ``None`` when it is not cached
         (declined by the policy, or ``admit=False``: its object changed).
@@ -161,8 +163,8 @@ class ReadDriver:
         if flight is None:  # fetched outside the driver's account (e.g. after a drop); count nothing
             flight = _InFlight(job="", length=length, prefetched=False, read=True)
         else:
-            self.counters.count(flight.job, "remote_bytes", length)
-            self.counters.count(flight.job, "remote_fetches")
+            self.counters.count(flight.job, f"{source}_bytes", length)
+            self.counters.count(flight.job, f"{source}_fetches")
             if flight.prefetched:
                 self.counters.count(flight.job, "prefetch_bytes", length)
         self.policy.observe_fetch(length, seconds)

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, fields
 class ReadCounters:
     """Read outcomes for one job, or for all of them.
 
-    Remote and prefetch figures are charged to the job whose read (or
-    explicit prefetch) caused the fetch.
+    Remote, cluster and prefetch figures are charged to the job whose read
+    (or explicit prefetch) caused the fetch; ``remote_*`` counts what came
+    from the remote itself, ``cluster_*`` what the cluster tier served.
     """
 
     reads: int = 0
@@ -24,6 +25,8 @@ class ReadCounters:
     bytes_from_cache: int = 0
     remote_bytes: int = 0
     remote_fetches: int = 0
+    cluster_bytes: int = 0
+    cluster_fetches: int = 0
     prefetch_issued: int = 0
     prefetch_bytes: int = 0
     prefetch_used: int = 0

@@ -115,6 +115,11 @@ class Policy(ABC):
         self.used -= size
         self._on_remove(key)
 
+    def worth_sharing(self, key: Hashable) -> bool:
+        """Whether a block fetched from the remote is worth publishing to the cluster tier
+        (other nodes are likely to read it); by default every block is."""
+        return True
+
     def violations(self) -> list[str]:
         """Where the policy's own accounts disagree or its bound is broken (empty when sound)."""
         out = []

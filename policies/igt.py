@@ -325,6 +325,14 @@ class IGT(Policy):
     def _on_remove(self, key: Hashable) -> None:
         self._unplace(key, self._blocks.pop(key))
 
+    def worth_sharing(self, key: Hashable) -> bool:
+        """Not a one-pass scan's block: a sequential stream that re-reads nothing
+        would spend the cluster's memory on bytes nobody asks for again."""
+        blk = self._blocks.get(key)
+        seen = self._history.get(key) if blk is None else None
+        stream = blk.stream if blk is not None else seen.owner if seen is not None else None
+        return stream is None or not (stream.label is Pattern.SEQUENTIAL and stream.high <= 0.0)
+
     def violations(self) -> list[str]:
         out = super().violations()
         if self._blocks.keys() != self._sizes.keys():
