@@ -6,9 +6,9 @@ process, or a client of the node daemon. Every read goes through it tagged
 with the reading process's id as the job, so the cache sees each job's
 streams.
 
-Errors reach the caller as errno values: a missing object is ``ENOENT``, a
-failing remote or an unreachable daemon ``EIO`` (after the backend's own
-retries, so promptly), never a hang.
+Errors reach the caller as errno values from ``igtcache.errors``' table: a
+missing object is ``ENOENT``, a failing remote or an unreachable daemon
+``EIO`` (after the backend's own retries, so promptly), never a hang.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
+from igtcache.errors import error_row
 from igtcache.fuse.lib import FuseOSError, Operations, fuse_get_context, keep_thread_state
 from igtcache.fuse.listing import NAME_MAX, Entry, Listings
 from igtcache.fuse.staging import StagedFile, Uploader
@@ -58,16 +59,7 @@ def errno_of(exc: BaseException) -> int:
     """The errno a file system call should fail with for a backend error."""
     if isinstance(exc, FuseOSError):
         return exc.errno
-    for kind, number in (
-        (FileNotFoundError, errno.ENOENT),
-        (IsADirectoryError, errno.EISDIR),
-        (NotADirectoryError, errno.ENOTDIR),
-        (PermissionError, errno.EACCES),
-        (ValueError, errno.EINVAL),
-    ):
-        if isinstance(exc, kind):
-            return number
-    return errno.EIO  # remote failures, timeouts, a daemon gone away, bugs
+    return error_row(exc).errno
 
 
 class _Warnings:

@@ -5,11 +5,13 @@ persistent Unix-socket connections, one per thread at a time from a small
 pool, so it is safe to share between threads. After a ``fork`` the child
 drops the parent's connections and opens its own. Every read carries a job
 id: the one given to the call, else the client's, else ``$IGTCACHE_JOB``,
-else the id of the calling process.
+else the id of the calling process (``igtcache.jobs.resolve_job``).
 
-If the daemon goes away mid-request the call raises ``DaemonUnavailable``; the
-next call connects again, so a restarted daemon is picked up without a new
-client.
+A failed call raises what the engine raised in the daemon, of the same type
+(``igtcache.errors``). If the daemon goes away mid-request the call raises
+``DaemonUnavailable``; the next call connects again, so a restarted daemon is
+picked up without a new client (and so is a connection the daemon closed
+after its idle timeout).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import threading
 from typing import Any
 
 from igtcache.daemon.config import default_socket_path
-from igtcache.remote import check_range
 from igtcache.daemon.protocol import (
     ERROR, MAGIC, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS, OP_PREFETCH, OP_REMOTES,
-    OP_STATS, RESPONSE, DaemonError, DaemonUnavailable, encode_json_request, encode_read, raise_error,
+    OP_STATS, RESPONSE, encode_json_request, encode_read, raise_error,
 )
+from igtcache.errors import DaemonError, DaemonUnavailable, UnknownRemote
+from igtcache.jobs import resolve_job
+from igtcache.remote import check_range
 
 __all__ = ["DaemonClient", "DaemonError", "DaemonUnavailable"]
 
@@ -91,7 +95,8 @@ class DaemonClient:
     one; with several, only the daemon-wide calls work until ``for_remote``).
     ``job`` tags every read that names no job of its own. ``timeout`` bounds
     each socket operation (default: none; the daemon bounds remote I/O
-    itself). Raises ``DaemonUnavailable`` if no daemon answers.
+    itself). Raises ``DaemonUnavailable`` if no daemon answers, ``UnknownRemote`` (a
+    ``ValueError``) if it does not serve ``remote_name``.
     """
 
     def __init__(self, socket_path: str | os.PathLike | None = None, remote_name: str | None = None,
@@ -103,8 +108,8 @@ class DaemonClient:
         if remote_name is None and len(self._remotes) == 1:
             remote_name = next(iter(self._remotes))
         if remote_name is not None and remote_name not in self._remotes:
-            raise ValueError(f"the daemon at {self.socket_path} serves no remote {remote_name!r}; "
-                             f"it serves {sorted(self._remotes)}")
+            raise UnknownRemote(f"the daemon at {self.socket_path} serves no remote {remote_name!r}; "
+                                f"it serves {sorted(self._remotes)}")
         self.remote_name = remote_name
 
     @property
@@ -207,7 +212,7 @@ class DaemonClient:
         return self._remotes[self._remote()]["max_read"]
 
     def _job(self, job: str | None) -> str:
-        return str(job if job is not None else self.job or os.environ.get("IGTCACHE_JOB") or os.getpid())
+        return resolve_job(job if job is not None else self.job)
 
     def _call(self, op: int, args: dict[str, Any]) -> Any:
         return self._exchange(encode_json_request(op, args), into=None)

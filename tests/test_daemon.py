@@ -207,7 +207,7 @@ def test_malformed_binary_requests_get_clear_errors_and_the_daemon_lives_on(serv
         (P.encode_read("a", "/etc/passwd", 0, 10, "j", None), "FileNotFoundError", ""),  # inside the remote root
         (P.encode_read("a", "obj-1.bin", 0, 1 << 40, "j", None), "BadRequest", "--max-read"),
         (P.encode_read("a", "obj-1.bin", 1 << 62, 10, "j", None), "", ""),
-        (P.encode_read("nope", "obj-1.bin", 0, 10, "j", None), "BadRequest", "unknown remote 'nope'"),
+        (P.encode_read("nope", "obj-1.bin", 0, 10, "j", None), "UnknownRemote", "unknown remote 'nope'"),
         (P.encode_read("a", "obj-1.bin", 0, -5, "j", None), "BadRequest", "size -5 is out of range"),
         (P.encode_read("a", "obj-1.bin", 0, 10, "j" * 1000, None), "BadRequest", "job must be"),
         (P.REQUEST.pack(P.OP_READ, 3) + b"abc", "BadRequest", "too short"),
@@ -244,7 +244,7 @@ def test_malformed_http_requests_get_clear_errors(served):
         ("/v1/remotes/a/read?path=../../etc/passwd", 400, "escapes the remote root"),
         ("/v1/remotes/a/read?path=obj-1.bin&offset=abc", 400, "offset must be an integer"),
         ("/v1/remotes/a/read?path=obj-1.bin&size=99999999999999", 400, "--max-read"),
-        ("/v1/remotes/zzz/info?path=obj-1.bin", 400, "unknown remote"),
+        ("/v1/remotes/zzz/info?path=obj-1.bin", 404, "unknown remote"),
         ("/v1/remotes/a/info?path=missing.bin", 404, ""),
     ]:
         got, body = http_get(served.socket_path, url)

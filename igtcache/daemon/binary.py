@@ -4,6 +4,14 @@ A thread per connection keeps the hit path short: a read goes from the
 socket to ``Cache.read_pieces`` and back with no event-loop hand-off, and the
 bytes leave through one ``sendmsg`` of the header and the cached blocks
 themselves (views of them where a read starts or ends inside a block).
+
+No connection holds its thread forever: one idle between requests for
+``Timeouts.idle`` is closed, and so is one whose request, once its first
+byte has arrived, is not whole within ``Timeouts.frame`` (after an error
+response saying so), or whose client takes nothing of a response for
+``Timeouts.idle``. The socket stays blocking, bounded by the kernel's
+``SO_RCVTIMEO``/``SO_SNDTIMEO``: a Python socket timeout would add a
+``poll()`` to every receive and send of the hit path.
 """
 
 from __future__ import annotations
@@ -11,62 +19,142 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
+import time
+from dataclasses import dataclass
 
 from igtcache.daemon.protocol import (
     ERROR, MAX_PAYLOAD, OK_BYTES, OK_JSON, OP_READ, OPS, REQUEST, RESPONSE, BadRequest,
     decode_json, decode_read, error_body,
 )
 from igtcache.daemon.service import Service
+from igtcache.errors import INTERNAL, error_row
+from igtcache.jobs import peer_job
 
 log = logging.getLogger(__name__)
 
 #: Most pieces one ``sendmsg`` gathers (the kernel's IOV_MAX is 1024); a read of more is joined first.
 MAX_GATHER = 512
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
-def serve_connection(conn: socket.socket, service: Service) -> None:
-    """Answer requests until the client closes the connection or the daemon shuts its reading side."""
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a connection may sit idle (between requests, or not reading a response), and a
+    request may take from its first byte to its last."""
+
+    idle: float
+    frame: float
+
+
+class _Unfinished(Exception):
+    """A request's first byte arrived, its last did not in time."""
+
+
+def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) -> None:
+    """Answer requests until the client closes the connection, idles or stalls past ``timeouts``,
+    or the daemon shuts the connection's reading side."""
+    conn.settimeout(None)
+    _kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
+    _kernel_timeout(conn, socket.SO_SNDTIMEO, timeouts.idle)
     header = bytearray(REQUEST.size)
+    job = peer_job(conn)
     try:
-        while _recv_into(conn, header):
-            op, length = REQUEST.unpack(header)
-            if op not in OPS or length > MAX_PAYLOAD:
-                # The stream cannot be re-synchronized after a frame we cannot size: answer, then hang up.
-                error = BadRequest(f"unknown operation {op}" if op not in OPS else
-                                   f"request payload of {length} bytes is over the limit of {MAX_PAYLOAD}")
+        while True:
+            try:
+                request = _next_request(conn, header, timeouts)
+            except (BadRequest, _Unfinished) as exc:
+                # The stream cannot be re-synchronized after a frame we cannot size or finish: answer, hang up.
+                error = exc if isinstance(exc, BadRequest) else BadRequest(
+                    f"request not whole within {timeouts.frame:g} s; closing the connection")
                 service.count("malformed", error)
                 _send(conn, ERROR, error_body(error))
                 return
-            payload = bytearray(length)
-            if not _recv_into(conn, payload):
+            if request is None:
                 return
+            op, payload = request
             name = OPS[op]
             try:
                 if op == OP_READ:
-                    status, body = OK_BYTES, service.read(**decode_read(bytes(payload)))
+                    status, body = OK_BYTES, service.read(**decode_read(bytes(payload)), peer_job=job)
                 else:
                     status, body = OK_JSON, json.dumps(service.call(name, decode_json(bytes(payload)))).encode()
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
                 service.count(name, exc)
-                if not isinstance(exc, (OSError, ValueError, TypeError)):
+                if error_row(exc) is INTERNAL:
                     log.exception("%s failed", name)
                 _send(conn, ERROR, error_body(exc))
                 continue
             service.count(name)
             _send(conn, status, body)
     except OSError:
-        pass  # the client went away, or the daemon is shutting this connection down
+        pass  # the client went away or stopped reading (SO_SNDTIMEO), or the daemon is shutting it down
 
 
-def _recv_into(conn: socket.socket, buffer: bytearray) -> bool:
-    """Fill ``buffer``; False if the peer closed the connection first."""
-    view, got = memoryview(buffer), 0
-    while got < len(buffer):
-        n = conn.recv_into(view[got:], len(buffer) - got, socket.MSG_WAITALL)
-        if n == 0:
-            return False
-        got += n
+def _next_request(conn: socket.socket, header: bytearray, timeouts: Timeouts) -> tuple[int, bytearray] | None:
+    """The next request's operation and payload (``header`` is scratch space); ``None`` when the
+    client closed the connection or left it idle. ``BadRequest`` for a frame that cannot be sized,
+    ``_Unfinished`` for one that stalls."""
+    try:
+        got = conn.recv_into(header)
+    except BlockingIOError:  # SO_RCVTIMEO: idle
+        return None
+    if got == 0:
+        return None
+    deadline = time.monotonic() + timeouts.frame
+    if not _fill(conn, memoryview(header)[got:], deadline, timeouts):
+        return None
+    op, length = REQUEST.unpack(header)
+    if op not in OPS:
+        raise BadRequest(f"unknown operation {op}")
+    if length > MAX_PAYLOAD:
+        raise BadRequest(f"request payload of {length} bytes is over the limit of {MAX_PAYLOAD}")
+    payload = bytearray(length)
+    if not _fill(conn, memoryview(payload), deadline, timeouts):
+        return None
+    return op, payload
+
+
+def _fill(conn: socket.socket, view: memoryview, deadline: float, timeouts: Timeouts) -> bool:
+    """Fill ``view`` by ``deadline`` (else ``_Unfinished``); False if the client closed the connection first.
+
+    A client sends a request in one piece, so what is already there usually fills it: one
+    non-blocking receive. Only a request that trickles in waits, each wait bounded by the deadline.
+    """
+    if not view.nbytes:
+        return True
+    try:
+        got = conn.recv_into(view, view.nbytes, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        got = -1  # nothing there yet
+    if got == 0:
+        return False
+    if got == view.nbytes:
+        return True
+    got = max(got, 0)
+    try:
+        while got < view.nbytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Unfinished
+            _kernel_timeout(conn, socket.SO_RCVTIMEO, remaining)
+            try:
+                n = conn.recv_into(view[got:])
+            except BlockingIOError:
+                raise _Unfinished from None
+            if n == 0:
+                return False
+            got += n
+    finally:
+        _kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
     return True
+
+
+def _kernel_timeout(conn: socket.socket, option: int, seconds: float) -> None:
+    """Bound each blocking receive (``SO_RCVTIMEO``) or send (``SO_SNDTIMEO``) on ``conn`` by ``seconds``."""
+    micros = max(1, round(seconds * 1e6))  # a zero timeval would mean "never"
+    conn.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000))
 
 
 def _send(conn: socket.socket, status: int, body: bytes | list[bytes | memoryview]) -> None:

@@ -64,6 +64,8 @@ class DaemonConfig:
     ttl: float = 30.0
     max_read: int = 256 * MiB
     grace: float = 30.0
+    idle_timeout: float = 60.0  # seconds a connection may sit between requests
+    frame_timeout: float = 10.0  # seconds a started request (or a new connection's handshake) has to arrive whole
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     trace_dir: str | None = None  # each remote's reads recorded as TRACE_DIR/NAME.csv
@@ -80,6 +82,8 @@ class DaemonConfig:
             raise ValueError(f"two remotes are named {duplicates[0]!r}; name them: --remote NAME=URL")
         if self.block_size <= 0 or self.max_read <= 0:
             raise ValueError("block size and max read must be positive")
+        if not (0 < self.idle_timeout < 1e6 and 0 < self.frame_timeout < 1e6):
+            raise ValueError("idle and frame timeouts must be positive numbers of seconds, under 1e6")
 
     def tier_sizes(self, remote: RemoteConfig) -> tuple[int, int]:
         """Memory and disk bytes for one remote: its own, else an even share of what is left."""
@@ -123,7 +127,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
     Keys: ``socket``, ``socket_mode`` (e.g. ``"0660"``), ``socket_group``,
     ``cache_dir``, ``memory``, ``disk``, ``block_size``, ``policy``, ``ttl``,
-    ``max_read``, ``grace``, ``metrics_port``, ``metrics_host``, and one
+    ``max_read``, ``grace``, ``idle_timeout``, ``frame_timeout``, ``metrics_port``, ``metrics_host``, and one
     ``[remotes.NAME]`` table per remote with ``url`` and optional
     ``storage_options``, ``memory``, ``disk``.
     """
@@ -140,7 +144,7 @@ def load_toml(path: str) -> dict[str, Any]:
             out[key] = parse_mode(str(value))
         elif key in ("socket", "socket_group", "cache_dir", "policy", "metrics_host"):
             out[key] = str(value)
-        elif key in ("ttl", "grace"):
+        elif key in ("ttl", "grace", "idle_timeout", "frame_timeout"):
             out[key] = float(value)
         elif key == "metrics_port":
             out[key] = int(value)

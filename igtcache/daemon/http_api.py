@@ -13,8 +13,11 @@ On the Unix socket::
     POST /v1/remotes/NAME/invalidate?path=P
     POST /v1/remotes/NAME/prefetch?path=P&offset=O&size=S
 
-Reads answer with the bytes as an ``application/octet-stream`` body; errors
-with a JSON body ``{"error": type, "message": text}`` and a 4xx/5xx status.
+A read's job is ``job=``, else the ``X-Igtcache-Job`` header, else the
+connected process's (``igtcache.jobs.peer_job``). Reads answer with the
+bytes as an ``application/octet-stream`` body; errors with a JSON body
+``{"error": wire name, "message": text}`` and the status of the error's row
+in ``igtcache.errors``.
 The optional TCP listener gets only ``/health`` and ``/metrics``: it never
 exposes cached data to the network.
 """
@@ -28,23 +31,19 @@ import threading
 from typing import Any, Callable
 
 from aiohttp import web
+from aiohttp.web import RequestHandler
 
 from igtcache.daemon import metrics
-from igtcache.daemon.protocol import BadRequest, error_body
+from igtcache.daemon.protocol import error_body
 from igtcache.daemon.service import Service
-from igtcache.remote import RemoteError
+from igtcache.errors import INTERNAL, BadRequest, error_row
+from igtcache.jobs import peer_job
 
 log = logging.getLogger(__name__)
 
-_STATUS = [
-    (BadRequest, 400), (FileNotFoundError, 404), (IsADirectoryError, 400), (NotADirectoryError, 400),
-    (PermissionError, 403), (ValueError, 400), (TypeError, 400), (TimeoutError, 504), (RemoteError, 502),
-]
-
 
 def _error(exc: BaseException) -> web.Response:
-    status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
-    return web.Response(status=status, body=error_body(exc), content_type="application/json")
+    return web.Response(status=error_row(exc).status, body=error_body(exc), content_type="application/json")
 
 
 def _json(value: Any) -> web.Response:
@@ -65,11 +64,47 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
         raise BadRequest(f"{name} must be an integer, not {text[:40]!r}") from None
 
 
+class _Connection(RequestHandler):
+    """aiohttp's handler of one connection, aborted once a response has sat unread by the client
+    for ``stall_timeout`` seconds: a client that stops reading must not hold its response's bytes
+    (up to ``--max-read``) forever. aiohttp bounds the rest: no request for ``keepalive_timeout``
+    seconds, a request never finished included, closes the connection."""
+
+    __slots__ = ("_stall_timeout", "_stalled")
+
+    def __init__(self, manager: web.Server, *, stall_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._stall_timeout = stall_timeout
+        self._stalled: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stalled = self._loop.call_later(self._stall_timeout, self._abort)
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        super().resume_writing()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class HttpApi:
     """Route handlers over a ``Service``; blocking cache calls run in the loop's executor."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
+
+    @staticmethod
+    def connections(server: web.Server, loop: asyncio.AbstractEventLoop,
+                    idle_timeout: float) -> Callable[[], RequestHandler]:
+        """A protocol factory for ``server``'s connections, each closed after ``idle_timeout`` seconds
+        without a whole request or with a response left unread."""
+        return lambda: _Connection(server, loop=loop, access_log=None, keepalive_timeout=idle_timeout,
+                                   stall_timeout=idle_timeout)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 10)
@@ -98,7 +133,7 @@ class HttpApi:
             result = await _in_thread(call)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
             self.service.count(op, exc)
-            if not isinstance(exc, (OSError, ValueError, TypeError)):
+            if error_row(exc) is INTERNAL:
                 log.exception("%s failed", op)
             return _error(exc)
         self.service.count(op)
@@ -106,12 +141,16 @@ class HttpApi:
 
     async def read(self, request: web.Request) -> web.Response:
         q = request.query
+        job = q.get("job") or request.headers.get("X-Igtcache-Job")
+        transport = request.transport
+        if transport is None:  # the client has already gone
+            raise ConnectionResetError("the client closed the connection")
+        default_job = peer_job(transport.get_extra_info("socket"))
 
         def call() -> bytes:
-            job = q.get("job") or request.headers.get("X-Igtcache-Job") or "http"
             return b"".join(self.service.read(request.match_info["remote"], q.get("path", ""),
                                               _query_int(request, "offset", 0), _query_int(request, "size", -1),
-                                              job, q.get("hint")))
+                                              job, q.get("hint"), peer_job=default_job))
 
         return await self._answer("read", call, _bytes)
 

@@ -7,17 +7,22 @@ follow on the persistent connection, one response per request, in order.
 
 Request:  ``op`` (u8), payload length (u32), payload.
   - ``OP_READ`` payload: offset (u64), size (i64, -1 = to the end), then the
-    lengths (u16 each) and UTF-8 bytes of remote, path, job and hint.
+    lengths (u16 each) and UTF-8 bytes of remote, path, job and hint; an
+    empty job is the connected process's (``igtcache.jobs.peer_job``).
   - every other op: a JSON object of arguments.
 Response: ``status`` (u8), body length (u64), body.
   - ``OK_BYTES``: the bytes read, as they are (the hit path copies no byte
     through JSON or base64).
   - ``OK_JSON``: a JSON value.
-  - ``ERROR``: JSON ``{"error": type name, "message": text}``.
+  - ``ERROR``: JSON ``{"error": wire name, "message": text}``, the wire
+    name from ``igtcache.errors`` (the client raises the same type).
 
 Everything is little-endian. A request the server cannot frame (unknown op,
-payload over ``MAX_PAYLOAD``) gets an ``ERROR`` and the connection is closed;
-any other bad request gets an ``ERROR`` and the connection stays usable.
+payload over ``MAX_PAYLOAD``, a frame not finished within the daemon's
+frame timeout) gets an ``ERROR`` and the connection is closed; any other bad
+request gets an ``ERROR`` and the connection stays usable. A connection idle
+between frames for the daemon's idle timeout is closed without a word
+(``DaemonClient`` reconnects).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import json
 import struct
 from typing import Any
 
-from igtcache.remote import RemoteError
+# BadRequest, DaemonError and DaemonUnavailable are re-exported: they are this protocol's errors,
+# defined with the rest of the error table.
+from igtcache.errors import BadRequest, DaemonError, DaemonUnavailable, error_row, exception_from_wire
 
 MAGIC = b"IGTCv1\r\n"
 REQUEST = struct.Struct("<BI")
@@ -50,26 +57,6 @@ OPS = {
 OK_BYTES = 0
 OK_JSON = 1
 ERROR = 2
-
-
-class DaemonError(OSError):
-    """The daemon could not be reached, broke the protocol, or failed unexpectedly."""
-
-
-class DaemonUnavailable(DaemonError):
-    """No daemon answers on the socket, or it went away mid-request."""
-
-
-class BadRequest(ValueError):
-    """A request the daemon refuses: malformed, out of range, or naming an unknown remote."""
-
-
-# Error types that cross the socket as themselves; anything else arrives as DaemonError.
-ERRORS: dict[str, type[BaseException]] = {
-    cls.__name__: cls
-    for cls in (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                ValueError, TypeError, TimeoutError, RemoteError, BadRequest, DaemonError)
-}
 
 
 def encode_read(remote: str, path: str, offset: int, size: int, job: str, hint: str | None) -> bytes:
@@ -108,7 +95,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """A JSON object of arguments; ``BadRequest`` if it is anything else."""
     try:
         args = json.loads(payload) if payload else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep to parse
         raise BadRequest("request payload is not valid JSON") from None
     if not isinstance(args, dict):
         raise BadRequest("request payload must be a JSON object")
@@ -116,15 +103,15 @@ def decode_json(payload: bytes) -> dict[str, Any]:
 
 
 def error_body(exc: BaseException) -> bytes:
-    name = type(exc).__name__ if type(exc).__name__ in ERRORS else "DaemonError"
-    return json.dumps({"error": name, "message": str(exc)}).encode()
+    """The JSON body of an ``ERROR`` response (and of an HTTP error): ``exc``'s wire name and message."""
+    return json.dumps({"error": error_row(exc).wire, "message": str(exc)}).encode()
 
 
 def raise_error(body: bytes) -> None:
-    """Raise the exception an ``ERROR`` body describes."""
+    """Raise the exception an ``ERROR`` body describes, of the type the daemon raised."""
     try:
         err = json.loads(body)
         name, message = err["error"], err["message"]
     except (ValueError, KeyError, TypeError):
         raise DaemonError(f"malformed error response from the daemon: {body[:200]!r}") from None
-    raise ERRORS.get(name, DaemonError)(message)
+    raise exception_from_wire(str(name), str(message))

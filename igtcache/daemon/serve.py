@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ttl", type=float, help="seconds before an object's version is checked again (default 30)")
     parser.add_argument("--max-read", type=size_argument, help="largest read one request may ask for (default 256MiB)")
     parser.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (default 30)")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        help="close a connection idle this long between requests (default 60)")
+    parser.add_argument("--frame-timeout", type=float, metavar="SECONDS",
+                        help="close a connection whose started request, or opening handshake, "
+                             "is not whole after this long (default 10)")
     parser.add_argument("--metrics-port", type=int, help="also serve /metrics over TCP on this port (default: off)")
     parser.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
     parser.add_argument("--trace-dir", metavar="DIR",
@@ -101,7 +106,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         "socket": args.socket, "socket_mode": args.socket_mode, "socket_group": args.socket_group,
         "cache_dir": args.cache_dir, "memory_bytes": args.memory, "disk_bytes": args.disk,
         "block_size": args.block_size, "policy": args.policy, "ttl": args.ttl, "max_read": args.max_read,
-        "grace": args.grace, "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
+        "grace": args.grace, "idle_timeout": args.idle_timeout, "frame_timeout": args.frame_timeout,
+        "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
         "trace_dir": args.trace_dir,
     }
     settings.update({key: value for key, value in options.items() if value is not None})

@@ -7,7 +7,10 @@ requested mode (0600 unless told otherwise) before anyone can connect.
 
 Serve: the asyncio loop accepts connections; a short-lived thread reads the
 first bytes of each, keeps binary-protocol clients (``protocol.MAGIC``) in
-that thread and hands everything else to aiohttp.
+that thread and hands everything else to aiohttp. A connection that has not
+said which within ``frame_timeout`` is closed; so is one idle, or with a
+response left unread, for ``idle_timeout`` (``binary.Timeouts``,
+``HttpApi.connections``).
 
 Stop (SIGTERM or SIGINT): stop accepting and remove the socket, let in-flight
 requests finish for up to ``grace`` seconds (binary connections stop reading
@@ -33,7 +36,7 @@ from pathlib import Path
 from aiohttp import web
 
 from igtcache import Cache, CacheDirInUse
-from igtcache.daemon.binary import serve_connection
+from igtcache.daemon.binary import Timeouts, serve_connection
 from igtcache.daemon.config import DaemonConfig
 from igtcache.daemon.http_api import HttpApi
 from igtcache.daemon.protocol import MAGIC
@@ -42,7 +45,6 @@ from igtcache.sizes import format_size
 
 log = logging.getLogger("igtcache.daemon")
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to send its first bytes
 MAX_CONNECTIONS = 4096
 
 
@@ -174,10 +176,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._loop = loop
         api = HttpApi(self.service)
-        runner = web.AppRunner(api.app(), handle_signals=False, access_log=None,
-                               shutdown_timeout=self.config.grace)
+        runner = web.AppRunner(api.app(), handle_signals=False, shutdown_timeout=self.config.grace)
         await runner.setup()
-        self._http_factory = runner.server
+        self._http_factory = api.connections(runner.server, loop, self.config.idle_timeout)
         metrics_runner = await self._start_metrics(api)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -237,19 +238,17 @@ class Daemon:
         """Tell the protocols apart by the first bytes; serve binary here, hand HTTP to aiohttp."""
         handed_off = False
         try:
-            conn.setblocking(True)
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            head = _peek_head(conn)
+            conn.settimeout(self.config.frame_timeout)
+            head = _peek_head(conn, self.config.frame_timeout)
             if head == MAGIC and not self._stopping:
                 conn.recv(len(MAGIC))
-                conn.settimeout(None)
                 conn.sendall(MAGIC)
                 self.service.connection(+1)
                 try:
-                    serve_connection(conn, self.service)
+                    serve_connection(conn, self.service, Timeouts(self.config.idle_timeout, self.config.frame_timeout))
                 finally:
                     self.service.connection(-1)
-            elif head and not self._stopping:
+            elif head and not MAGIC.startswith(head) and not self._stopping:
                 conn.setblocking(False)
                 with self._conns_lock:
                     self._conns.pop(conn, None)
@@ -317,9 +316,10 @@ class Daemon:
             self._lock_file = None
 
 
-def _peek_head(conn: socket.socket) -> bytes:
-    """The connection's first bytes, enough to tell ``MAGIC`` from anything else."""
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+def _peek_head(conn: socket.socket, timeout: float) -> bytes:
+    """The connection's first bytes, enough to tell ``MAGIC`` from anything else, or what came of
+    them within ``timeout`` seconds (a part of ``MAGIC``: a handshake never finished)."""
+    deadline = time.monotonic() + timeout
     while True:
         head = conn.recv(len(MAGIC), socket.MSG_PEEK)
         if not head or len(head) == len(MAGIC) or not MAGIC.startswith(head) or time.monotonic() > deadline:

@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Any
 
 from igtcache import Cache
-from igtcache.daemon.protocol import BadRequest
+from igtcache.errors import BadRequest, UnknownRemote
 from igtcache.remote import normalize_path
 
 MAX_PATH = 4096
@@ -38,14 +38,15 @@ class Service:
     # -------------------------------------------------------------- operations
 
     def read(self, remote: Any, path: Any, offset: Any = 0, size: Any = -1, job: Any = None,
-             hint: Any = None) -> list[bytes | memoryview]:
-        """Bytes of ``path`` on ``remote``, tagged with the client's ``job``, as pieces to send in order
-        (views of the cached blocks: ``Cache.read_pieces``)."""
+             hint: Any = None, *, peer_job: str) -> list[bytes | memoryview]:
+        """Bytes of ``path`` on ``remote``, tagged with the client's ``job`` (if it names none, the
+        connected process's, ``peer_job``), as pieces to send in order (views of the cached blocks:
+        ``Cache.read_pieces``)."""
         cache = self._cache(remote)
         path = _path(path)
         offset = _int(offset, "offset", 0, (1 << 63) - 1)
         size = _int(size, "size", -1, (1 << 63) - 1)
-        job = _text(job, "job", MAX_JOB) or "anonymous"
+        job = _text(job, "job", MAX_JOB) or peer_job
         hint = _text(hint, "hint", MAX_HINT) or None
         if size == -1:
             size = max(0, cache.info(path)["size"] - offset)
@@ -104,7 +105,7 @@ class Service:
             return self.caches[name]
         if name is None and len(self.caches) == 1:
             return next(iter(self.caches.values()))
-        raise BadRequest(f"unknown remote {name!r}; this daemon serves {sorted(self.caches)}")
+        raise UnknownRemote(f"unknown remote {name!r}; this daemon serves {sorted(self.caches)}")
 
 
 def _describe(name: str, cache: Cache) -> dict[str, Any]:
