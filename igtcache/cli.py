@@ -29,6 +29,7 @@ BENCHMARKS = {
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
     "e2e": "job completion time of a scenario's concurrent jobs reading from S3 via a shaping proxy, per contender",
+    "soak": "fault soak: every reader kind under seeded daemon, S3, disk and LMDB faults; wrong bytes, stalls, recovery",
 }
 
 
