@@ -253,7 +253,7 @@ class Cache:
             if self.disk is not None:
                 out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
             if isinstance(self.source, ClusterSource):
-                out["tiers"]["cluster"] = cluster_state(self.source.cluster.stats())
+                out["cluster"] = cluster_state(self.source.cluster.stats())
             out["streams"] = self.driver.streams.streams(limit=self.STATS_STREAMS)
             return out
 

@@ -53,6 +53,12 @@ def render(stats: dict[str, Any]) -> str:
         lines.append(f"  reads {s.get('reads', 0)}  hit ratio {_ratio(s.get('hit_ratio', 0))}  byte hit ratio "
                      f"{_ratio(s.get('byte_hit_ratio', 0))}  remote {format_size(s.get('remote_bytes', 0))} "
                      f"in {s.get('remote_fetches', 0)} fetches")
+        cluster = s.get("cluster")
+        if cluster:
+            lines.append(f"  cluster  {cluster['state']}: {cluster['hits']} hits, {cluster['misses']} misses, "
+                         f"served {format_size(s.get('cluster_bytes', 0))}, published "
+                         f"{format_size(cluster['publish_bytes'])} ({cluster['publish_dropped']} dropped), "
+                         f"{cluster['corrupt']} bad values, {cluster['errors']} errors")
         prefetch = s.get("prefetch") or {}
         if prefetch.get("issued"):
             lines.append(f"  prefetch {prefetch['issued']} blocks, {prefetch.get('used', 0)} used, "

@@ -52,8 +52,8 @@ def test_a_block_one_node_fetched_is_served_to_another_from_the_cluster(cluster,
         stats = second.stats()
         assert stats["remote_bytes"] == 0 and stats["remote_fetches"] == 0
         assert stats["cluster_bytes"] == len(data)
-        assert stats["tiers"]["cluster"]["state"] == "up"
-        assert stats["tiers"]["cluster"]["hits"] == 4
+        assert stats["cluster"]["state"] == "up"
+        assert stats["cluster"]["hits"] == 4
 
 
 def test_a_changed_object_is_never_served_from_the_cluster_after_its_ttl(cluster, s3_server, s3):
@@ -89,7 +89,7 @@ def test_a_damaged_or_foreign_cluster_value_is_a_miss_and_refetched(cluster, s3_
     with _node(s3_server, prefix, cluster.url) as second:
         assert second.read("obj") == data
         stats = second.stats()
-        assert stats["tiers"]["cluster"]["corrupt"] == 1
+        assert stats["cluster"]["corrupt"] == 1
         assert stats["remote_bytes"] == len(data)
     with _node(s3_server, prefix, cluster.url, cluster_prefix="another-deployment") as other:
         assert other.read("obj") == data
@@ -106,7 +106,7 @@ def test_an_unreachable_cluster_gives_misses_not_errors_or_hangs(s3_server, s3):
         for _ in range(3):
             node.invalidate("obj")
             assert node.read("obj") == data
-        assert node.stats()["tiers"]["cluster"]["state"] in ("down", "degraded")
+        assert node.stats()["cluster"]["state"] in ("down", "degraded")
     assert time.monotonic() - started < 20
 
 
@@ -147,6 +147,43 @@ def test_igt_does_not_publish_a_one_pass_scan(cluster, s3_server, s3):
             for offset in range(0, len(data), BLOCK // 2):
                 assert node.read(name, offset, BLOCK // 2) == data[offset:offset + BLOCK // 2]
         _published(node)
-        published = node.stats()["tiers"]["cluster"]["published"]
+        published = node.stats()["cluster"]["published"]
     total_blocks = sum(len(d) // BLOCK for d in files.values())
     assert published < total_blocks / 2  # once the scan is recognised, its blocks stay off the cluster
+
+
+def test_two_node_daemons_share_blocks_through_the_cluster_tier(cluster, s3_server, s3, tmp_path):
+    """Real daemons, each with its own socket and cache dir, on one bucket and one cluster."""
+    import json
+
+    from igtcache.daemon.process import DaemonProcess
+    from igtcache.daemon_client import DaemonClient
+
+    from .test_daemon import http_get
+
+    fs, prefix = s3
+    data = random.Random(5).randbytes(2 * BLOCK + 3)
+    fs.pipe(f"{prefix}/obj", data)
+    args = ["--remote", f"ds=s3://{prefix}", "--storage-options", json.dumps(s3_server.storage_options()),
+            "--memory", "8MiB", "--disk", "16MiB", "--block-size", str(BLOCK), "--cluster", cluster.url]
+    nodes = [DaemonProcess(tmp_path / f"node{i}.sock", [*args, "--cache-dir", str(tmp_path / f"cache{i}")])
+             for i in range(2)]
+    try:
+        for node in nodes:
+            node.start()
+        with DaemonClient(nodes[0].socket_path, "ds") as first:
+            assert first.read("obj") == data
+            deadline = time.monotonic() + 10
+            while first.daemon_stats()["remotes"]["ds"]["cluster"]["published"] < 3:  # the publish queue drains
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with DaemonClient(nodes[1].socket_path, "ds") as second:
+            assert second.read("obj") == data
+            stats = second.daemon_stats()["remotes"]["ds"]
+        assert stats["remote_bytes"] == 0 and stats["cluster_bytes"] == len(data)
+        assert stats["cluster"]["state"] == "up"
+        status, body = http_get(nodes[1].socket_path, "/metrics")
+        assert status == 200 and b'igtcache_cluster_state{remote="ds",state="up"} 1' in body
+    finally:
+        for node in nodes:
+            node.stop()

@@ -69,6 +69,8 @@ class DaemonConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     trace_dir: str | None = None  # each remote's reads recorded as TRACE_DIR/NAME.csv
+    cluster: str | None = None  # redis:// URL of the cluster tier shared by every node
+    cluster_prefix: str = "igtcache"
 
     def __post_init__(self) -> None:
         if not self.remotes:
@@ -127,7 +129,8 @@ def load_toml(path: str) -> dict[str, Any]:
 
     Keys: ``socket``, ``socket_mode`` (e.g. ``"0660"``), ``socket_group``,
     ``cache_dir``, ``memory``, ``disk``, ``block_size``, ``policy``, ``ttl``,
-    ``max_read``, ``grace``, ``idle_timeout``, ``frame_timeout``, ``metrics_port``, ``metrics_host``, and one
+    ``max_read``, ``grace``, ``idle_timeout``, ``frame_timeout``, ``metrics_port``, ``metrics_host``,
+    ``cluster``, ``cluster_prefix``, and one
     ``[remotes.NAME]`` table per remote with ``url`` and optional
     ``storage_options``, ``memory``, ``disk``.
     """
@@ -142,7 +145,7 @@ def load_toml(path: str) -> dict[str, Any]:
             out[sizes[key]] = parse_size(value)
         elif key == "socket_mode":
             out[key] = parse_mode(str(value))
-        elif key in ("socket", "socket_group", "cache_dir", "policy", "metrics_host"):
+        elif key in ("socket", "socket_group", "cache_dir", "policy", "metrics_host", "cluster", "cluster_prefix"):
             out[key] = str(value)
         elif key in ("ttl", "grace", "idle_timeout", "frame_timeout"):
             out[key] = float(value)

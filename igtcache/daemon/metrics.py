@@ -55,6 +55,18 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+_CLUSTER_COUNTERS = {
+    "hits": "Blocks the cluster tier served.",
+    "misses": "Cluster tier lookups that found nothing.",
+    "corrupt": "Cluster values that failed their checksum (deleted, refetched).",
+    "errors": "Cluster commands that failed or timed out.",
+    "published": "Blocks published to the cluster tier.",
+    "publish_bytes": "Bytes published to the cluster tier.",
+    "publish_dropped": "Blocks not published: the publish queue was full.",
+    "circuit_opens": "Times a cluster node's circuit opened.",
+}
+
+
 def render(stats: dict[str, Any]) -> str:
     """Prometheus text for ``Service.stats()``: daemon, remotes, tiers, jobs, and streams if reported."""
     out = _Writer()
@@ -79,6 +91,13 @@ def render(stats: dict[str, Any]) -> str:
             out.sample("tier_bytes", "gauge", "Bytes held by a tier.", t["bytes"], remote=remote, tier=tier)
             out.sample("tier_capacity_bytes", "gauge", "A tier's bound.", t["capacity"], remote=remote, tier=tier)
             out.sample("tier_blocks", "gauge", "Blocks held by a tier.", t["blocks"], remote=remote, tier=tier)
+        cluster = s.get("cluster")
+        if cluster:
+            for state in ("up", "degraded", "down"):
+                out.sample("cluster_state", "gauge", "1 for the cluster tier's state (up, degraded, down).",
+                           int(cluster["state"] == state), remote=remote, state=state)
+            for key, help_ in _CLUSTER_COUNTERS.items():
+                out.sample(f"cluster_{key}_total", "counter", help_, cluster[key], remote=remote)
         for job, j in sorted((s.get("jobs") or {}).items()):
             for key, (metric, help_) in _READ_COUNTERS.items():
                 out.sample(f"job_{metric}", "counter", f"{help_} By job.", j[key], remote=remote, job=job)

@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
                              "is not whole after this long (default 10)")
     parser.add_argument("--metrics-port", type=int, help="also serve /metrics over TCP on this port (default: off)")
     parser.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    parser.add_argument("--cluster", metavar="URL",
+                        help="cluster tier shared by every node's daemon: redis://HOST:PORT[,HOST:PORT...] "
+                             "(rediss:// for TLS, redis://USER:PASSWORD@... for ACL); `igtcache cluster up` "
+                             "starts one on this machine")
+    parser.add_argument("--cluster-prefix", metavar="PREFIX",
+                        help="key prefix in the cluster, so deployments can share one Redis (default igtcache)")
     parser.add_argument("--trace-dir", metavar="DIR",
                         help="record every read as a trace, DIR/NAME.csv per remote, for `igtcache bench replay`")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -108,7 +114,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         "block_size": args.block_size, "policy": args.policy, "ttl": args.ttl, "max_read": args.max_read,
         "grace": args.grace, "idle_timeout": args.idle_timeout, "frame_timeout": args.frame_timeout,
         "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
-        "trace_dir": args.trace_dir,
+        "trace_dir": args.trace_dir, "cluster": args.cluster, "cluster_prefix": args.cluster_prefix,
     }
     settings.update({key: value for key, value in options.items() if value is not None})
     if args.socket_group and args.socket_mode is None and "socket_mode" not in settings:

@@ -36,6 +36,7 @@ from pathlib import Path
 from aiohttp import web
 
 from igtcache import Cache, CacheDirInUse
+from igtcache.cluster_url import parse_cluster_url
 from igtcache.daemon.binary import Timeouts, serve_connection
 from igtcache.daemon.config import DaemonConfig
 from igtcache.daemon.http_api import HttpApi
@@ -137,8 +138,11 @@ class Daemon:
                     remote.url, storage_options=remote.storage_options, cache_dir=cache_dir,
                     memory_bytes=memory, disk_bytes=disk, block_size=cfg.block_size,
                     policy=cfg.policy, ttl=cfg.ttl, trace_path=cfg.remote_trace_path(remote),
+                    cluster=cfg.cluster, cluster_prefix=cfg.cluster_prefix,
                 )
                 where = f"disk {format_size(disk)} at {cache_dir}" if cache_dir else "no disk tier"
+                if cfg.cluster:
+                    where += f", cluster tier at {parse_cluster_url(cfg.cluster).redacted()}"
                 log.info("serving %s as %r: memory %s, %s", remote.url, remote.name, format_size(memory), where)
         except (CacheDirInUse, ValueError, ImportError, OSError) as exc:
             for cache in caches.values():
