@@ -45,6 +45,7 @@ class Tally:
         self.wrong: list[WrongRead] = []  # the first WRONG_KEPT in detail
         self.wrong_times: list[tuple[str, float, int]] = []  # every wrong read: kind, start, wrong bytes
         self.longest_stall = 0.0
+        self.longest_read: tuple[str, float, float] = ("", 0.0, 0.0)  # the slowest: what, start, end
         self.first_errors: dict[str, tuple[str, float, str]] = {}  # type -> (read, start, message)
         self._good: dict[str, list[tuple[float, float]]] = {}  # kind -> (t0, t1) of correct reads
         self._last_good: dict[str, float] = {}  # kind -> latest start of a correct read
@@ -52,7 +53,9 @@ class Tally:
     def add(self, kind: str, key: str, offset: int, size: int, t0: float, t1: float,
             data: bytes | None, error: str | None, detail: str | None) -> None:
         self.reads[kind] += 1
-        self.longest_stall = max(self.longest_stall, t1 - t0)
+        if t1 - t0 > self.longest_stall:
+            self.longest_stall = t1 - t0
+            self.longest_read = (f"{kind} {key} [{offset}, +{size}) {error or 'ok'}", t0, t1)
         if error is not None:
             self.errors[error] += 1
             self.first_errors.setdefault(error, (f"{kind} {key} [{offset}, +{size})", t0, detail or ""))
@@ -106,6 +109,7 @@ class SoakResult:
     recovery_s: dict[str, float]
     wrong_by: dict[str, int] = field(default_factory=dict)  # "READER after FAULT" -> wrong bytes
     first_errors: dict[str, str] = field(default_factory=dict)  # error type -> its first read, in context
+    longest_read: str = ""  # the slowest read, in context
     daemon_errors: list[str] = field(default_factory=list)  # errors the daemon logged, tracebacks included
     skipped: dict[str, str] = field(default_factory=dict)  # fault kind or "reader:KIND" -> why
     unrecovered: list[str] = field(default_factory=list)  # faults some reader kind never recovered from
@@ -124,10 +128,13 @@ class SoakResult:
         first_errors = {name: f"{read}: {message}; {_context(t0, t0, events, started)}"
                         for name, (read, t0, message) in sorted(tally.first_errors.items())}
         recovery, unrecovered = _recovery(tally, events, kinds, started, ended)
+        what, t0, t1 = tally.longest_read
+        longest_read = f"{what}; {_context(t0, t1, events, started)}" if what else ""
         return cls(reads=dict(tally.reads), wrong_bytes=tally.wrong_bytes, wrong_reads=len(tally.wrong_times),
                    wrong=tally.wrong, wrong_by=dict(wrong_by.most_common()),
                    faults_injected=counts(events, fault_kinds), errors=dict(tally.errors),
-                   first_errors=first_errors, longest_stall_s=round(tally.longest_stall, 3), recovery_s=recovery,
+                   first_errors=first_errors, longest_stall_s=round(tally.longest_stall, 3),
+                   longest_read=longest_read, recovery_s=recovery,
                    unrecovered=unrecovered, seconds=round(ended - started, 1), **rest)
 
     @property
@@ -163,6 +170,7 @@ class SoakResult:
         rows += [(f"skipped {what}", why) for what, why in self.skipped.items()]
         width = max(len(label) for label, _ in rows)
         lines = [f"{label:<{width}}  {value}" for label, value in rows]
+        lines += [f"slowest read: {self.longest_read}"] if self.longest_read else []
         lines += [f"first {name}: {text}" for name, text in self.first_errors.items()]
         lines += [f"daemon logged: {text}" for text in self.daemon_errors]
         lines += [f"unrecovered: {text}" for text in self.unrecovered]
@@ -198,7 +206,7 @@ def _context(t0: float, t1: float, events: list[FaultEvent], started: float) -> 
     """Where a read fell among the faults: at +T s, the last fault before it and any during it."""
     before = [e for e in events if e.end <= t0]
     during = [e.kind for e in events if e.start < t1 and e.end > t0]
-    text = f"at +{t0 - started:.1f} s"
+    text = f"at {t0 - started:+.1f} s"
     if before:
         last = before[-1]
         text += f", {t0 - last.end:.1f} s after {last.kind} ({last.detail})"
