@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -203,6 +204,10 @@ class DiskTier:
         self.recovered_from_corruption = True
 
     def _move_aside(self, target: Path, reason: str) -> Path:
+        """Rename ``target`` aside for inspection; only the newest environment set aside is
+        kept, so restarts with changing settings cannot grow the cache directory."""
+        for older in target.parent.glob("blocks.lmdb.*-*"):
+            shutil.rmtree(older, ignore_errors=True)
         stamp = int(time.time())
         aside = target.with_name(f"blocks.lmdb.{reason}-{stamp}")
         n = 1

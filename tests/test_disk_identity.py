@@ -224,3 +224,13 @@ def test_a_truncated_data_file_is_moved_aside_not_a_crash(tmp_path):
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip() == "ok"
     assert len(_moved_aside(tmp_path / "c", "corrupt")) == 1
+
+
+def test_restarts_with_changing_settings_keep_one_environment_aside(tmp_path):
+    data = os.urandom(256 * KiB)
+    url = _remote_dir(tmp_path, "remote", {"obj": data})
+    for n in range(6):
+        with Cache(url, cache_dir=tmp_path / "c", block_size=(64 if n % 2 else 32) * KiB) as cache:
+            assert cache.read("obj") == data
+    aside = sorted(p.name for p in (tmp_path / "c").glob("blocks.lmdb.*"))
+    assert len(aside) == 1 and aside[0].startswith("blocks.lmdb.mismatch-")
