@@ -16,7 +16,10 @@ breakers and the publish queue live on the loop.
   redis-py's own retries are off: a command fails once, and the breaker
   decides.
 * Per node, a :class:`CircuitBreaker` opens after consecutive failures; while
-  open, commands for the node's slots resolve at once without I/O.
+  open, commands for the node's slots resolve at once without I/O. Until the
+  first slot map is loaded, one breaker stands for the whole cluster. A node
+  that leaves the slot map (a dead master whose replica took over) takes its
+  breaker with it.
 * Publishing goes through a queue bounded in bytes; past the bound a block is
   dropped and counted, never waited for.
 * Leases (``SET NX PX`` on the block's lease key) make a fetch from the remote
@@ -58,11 +61,17 @@ PUBLISH_CONCURRENCY = 4  # SETs in flight at once from the publish queue
 # 4 MiB take ~80 ms.
 MAX_IN_FLIGHT = 8
 WAIT_POLL_START, WAIT_POLL_MAX = 0.005, 0.1  # wait_published's backoff, seconds
-WHOLE_CLUSTER = "cluster"  # the breaker for the client's start-up (no node known yet)
+WHOLE_CLUSTER = "cluster"  # the breaker until the first slot map (no node known yet)
 
-# The node did not answer: these count against its circuit. Any other RedisError
-# (a refused command, a wrong type) is an answer and does not.
-NODE_FAILURES = (TimeoutError, RedisTimeoutError, RedisConnectionError, ClusterDownError, OSError)
+# The node did not answer: these count against its circuit. A RedisClusterException
+# from a command means redis-py, reloading its slot map after a failure, reached no
+# node at all. Any other RedisError (a refused command, a wrong type) is an answer.
+NODE_FAILURES = (TimeoutError, RedisTimeoutError, RedisConnectionError, ClusterDownError, OSError,
+                 RedisClusterException)
+# After these redis-py drops its slot map and would reload it inside the next command,
+# where a command's deadline could cut the reload short: parsing the reply to COMMAND
+# alone takes 0.1-0.25 s here. The tier reloads it in a task of its own instead.
+MAP_DROPPED = (RedisTimeoutError, RedisConnectionError, ClusterDownError, RedisClusterException)
 
 # Deletes a lease only if this tier still holds it (it may have expired and been taken).
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -112,6 +121,7 @@ class ClusterTier:
         # Loop-side state, created and used on the loop only.
         self._client: RedisCluster | None = None
         self._started: asyncio.Future | None = None
+        self._reload: asyncio.Future | None = None  # of the error, or None, of a slot map reload
         self._breakers = {WHOLE_CLUSTER: CircuitBreaker(circuit_failures, circuit_cooldown)}
         self._queue: asyncio.Queue | None = None
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -192,7 +202,8 @@ class ClusterTier:
             return False
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start, the bytes queued for publishing, and each node's circuit state.
+        """Counters since start, the bytes queued for publishing, and each node's circuit state
+        (``circuit``: node name -> state; only ``cluster`` until a first slot map is loaded).
 
         ``hits``/``misses``/``corrupt``/``mismatched`` count ``fetch_block`` outcomes
         (``mismatched``: a valid block of another length than asked). ``errors``
@@ -210,7 +221,7 @@ class ClusterTier:
         out: dict[str, Any] = {name: counts.get(name, 0) for name in names}
         breakers = dict(self._breakers)
         out["publish_queue_bytes"] = queued
-        out["circuit_opens"] = sum(b.times_opened for b in breakers.values())
+        out["circuit_opens"] = counts.get("circuit_opens", 0)
         out["circuit"] = {name: b.state for name, b in sorted(breakers.items())}
         return out
 
@@ -281,7 +292,7 @@ class ClusterTier:
             self._tasks.discard(task)
 
     async def _ready(self) -> RedisCluster:
-        """The client, with its slot map loaded (once; redis-py refreshes it after errors)."""
+        """The client, with its first slot map loaded (later ones: ``_reloaded``)."""
         if self._started is None:
             self._started = asyncio.ensure_future(self._connect())
         if not self._started.done():
@@ -304,47 +315,105 @@ class ClusterTier:
             )
         await self._client.initialize()
 
-    def _breaker(self, name: str) -> CircuitBreaker:
+    async def _connected(self, timeout: float) -> RedisCluster:
+        """The client once it has a slot map; until then the whole cluster's circuit decides."""
+        if self._started is not None and self._started.done() and self._started.exception() is None:
+            return self._client
+        breaker = self._breakers[WHOLE_CLUSTER]
+        if not breaker.allow():
+            self._count("circuit_skips")
+            raise _Unavailable
+        try:
+            client = await asyncio.wait_for(self._ready(), timeout)
+        except (*NODE_FAILURES, RedisError) as exc:
+            self._failed(WHOLE_CLUSTER, breaker, exc, unreachable=True)  # no node gave a slot map
+        self._breakers.pop(WHOLE_CLUSTER, None)  # from now on each node has a circuit of its own
+        return client
+
+    def _route(self, client: RedisCluster, rkey: str) -> tuple[str, CircuitBreaker]:
+        """The node that serves ``rkey`` in the current slot map, and its circuit."""
+        try:
+            node = client.get_node_from_key(rkey).name
+        except RedisClusterException:  # a slot no node serves: that key only, no node to blame
+            self._count("errors")
+            raise _Unavailable from None
+        return node, self._breaker(client, node)
+
+    def _breaker(self, client: RedisCluster, name: str) -> CircuitBreaker:
         breaker = self._breakers.get(name)
         if breaker is None:
+            # A node not used before: redis-py's slot map changed (a replica took over a dead
+            # master's slots, say). Forget the circuits of nodes no longer in it, or a dead
+            # master would stay "open" in stats() for good.
+            serving = {node.name for node in client.get_nodes()}
+            self._breakers = {n: b for n, b in self._breakers.items() if n in serving}
             breaker = self._breakers[name] = CircuitBreaker(*self._circuit_settings)
         return breaker
 
     async def _command(self, rkey: str, call: Callable[[RedisCluster], Awaitable], timeout: float) -> Any:
         """Run ``call`` for ``rkey`` within ``timeout`` unless its node's circuit is open.
         Raises ``_Unavailable`` (counted) where it did not succeed."""
-        start_breaker = self._breaker(WHOLE_CLUSTER)
-        if not start_breaker.allow():
-            self._count("circuit_skips")
-            raise _Unavailable
-        try:
-            client = await asyncio.wait_for(self._ready(), timeout)
-        except (*NODE_FAILURES, RedisError, RedisClusterException) as exc:
-            self._failed(WHOLE_CLUSTER, start_breaker, exc, unreachable=True)  # no node gave a slot map
-        start_breaker.success()
-        try:
-            node = client.get_node_from_key(rkey).name
-        except RedisClusterException as exc:  # a slot no node serves: that key only, not the cluster
-            self._failed(WHOLE_CLUSTER, start_breaker, exc, unreachable=False)
-        breaker = self._breaker(node)
+        client = await self._connected(timeout)
+        node, breaker = self._route(client, rkey)
         if not breaker.allow():
             self._count("circuit_skips")
             raise _Unavailable
+        # Waits on our side say nothing about the node: each is bounded on its own, and
+        # running out of time is a miss counted as busy that leaves the circuit alone.
+        if self._reload is not None:
+            try:
+                await self._reloaded(client, timeout)
+            except TimeoutError:
+                self._count("busy")
+                raise _Unavailable from None
+            except (*NODE_FAILURES, RedisError) as exc:  # no node gave a slot map, the key's node neither
+                self._failed(node, breaker, exc, unreachable=True)
+            moved_to, new_breaker = self._route(client, rkey)  # to a replica that took over, say
+            if moved_to != node:
+                node, breaker = moved_to, new_breaker
+                if not breaker.allow():
+                    self._count("circuit_skips")
+                    raise _Unavailable
         try:
-            # Our own backlog says nothing about the node: the wait for a slot is bounded
-            # on its own, and running out of it is a miss that leaves the circuit alone.
             await asyncio.wait_for(self._in_flight.acquire(), timeout)
         except TimeoutError:
             self._count("busy")
             raise _Unavailable from None
         try:
             result = await asyncio.wait_for(call(client), timeout)
-        except (*NODE_FAILURES, RedisError, RedisClusterException) as exc:
+        except (*NODE_FAILURES, RedisError) as exc:
+            if isinstance(exc, MAP_DROPPED):
+                self._start_reload()
             self._failed(node, breaker, exc, unreachable=isinstance(exc, NODE_FAILURES))
         finally:
             self._in_flight.release()
         breaker.success()
         return result
+
+    async def _reloaded(self, client: RedisCluster, timeout: float) -> None:
+        """Wait at most ``timeout`` for the slot map reload a node failure started (or start it
+        again if it failed); raises ``TimeoutError``, or the reload's error."""
+        reload = self._reload
+        if reload.done() and reload.result() is not None:
+            reload = self._reload = asyncio.ensure_future(self._reload_map(client))
+        error = await asyncio.wait_for(asyncio.shield(reload), timeout)
+        if error is not None:
+            raise error
+        if self._reload is reload:
+            self._reload = None
+
+    def _start_reload(self) -> None:
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.ensure_future(self._reload_map(self._client))
+
+    @staticmethod
+    async def _reload_map(client: RedisCluster) -> Exception | None:
+        """Reload the slot map (where redis-py dropped it); the error if no node gave one."""
+        try:
+            await client.initialize()
+        except (*NODE_FAILURES, RedisError) as exc:
+            return exc
+        return None
 
     def _failed(self, node: str, breaker: CircuitBreaker, exc: Exception, *, unreachable: bool) -> NoReturn:
         """Count a failed command; ``unreachable`` ones count against ``node``'s circuit."""
@@ -355,6 +424,7 @@ class ClusterTier:
             opened = breaker.times_opened
             breaker.failure()
             if breaker.times_opened > opened:
+                self._count("circuit_opens")
                 log.warning("cluster tier: %s failed %d times in a row (last: %r); skipping it for %g s",
                             node, breaker.failures, exc, breaker.cooldown)
         else:
@@ -460,7 +530,7 @@ class ClusterTier:
             delay = min(2 * delay, WAIT_POLL_MAX)
 
     async def _shutdown(self) -> None:
-        tasks = {*self._workers, *self._tasks}
+        tasks = {*self._workers, *self._tasks, *([self._reload] if self._reload else [])}
         while tasks:
             # Again and again: Python 3.11's wait_for can swallow a cancellation that
             # arrives as its inner call completes, and a worker would then go on.

@@ -1,22 +1,25 @@
-"""A Redis Cluster on 127.0.0.1 for the cluster tier: ``igtcache cluster start|stop|status``
+"""A Redis Cluster on 127.0.0.1 for the cluster tier: ``igtcache cluster up|down|status``
 and :class:`RedisClusterProcess` for tests and benchmarks.
 
-Every node is a master without replica, started as a ``redis-server`` process
-with the cluster tier's settings (no persistence, ``maxmemory`` per node with
-``allkeys-lfu`` eviction, reads served from the healthy nodes while one is
-down), then joined with ``redis-cli --cluster create``. The directory holds the
-nodes' cluster configs, their logs and ``cluster.json`` (ports, pids, URL), so
-that ``stop`` and ``status`` from another process find the nodes.
+Every node is a ``redis-server`` process with the cluster tier's settings (no
+persistence, ``maxmemory`` per node with ``allkeys-lfu`` eviction, reads
+served from the healthy nodes while one is down); ``redis-cli --cluster
+create`` joins them, with one replica per master if asked. The directory
+holds the nodes' cluster configs, their logs and ``cluster.json`` (ports,
+pids, URL), so that ``down`` and ``status`` from another process find the
+nodes.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +32,9 @@ from igtcache.sizes import format_size, size_argument
 STATE_FILE = "cluster.json"
 BUS_PORT_OFFSET = 10_000  # Redis Cluster's node-to-node bus listens on port + 10000
 MIN_NODES = 3  # redis-cli --cluster create refuses fewer masters
+SLOTS = 16384
+DEFAULT_MEMORY = 1 << 30
+DEFAULT_NODE_TIMEOUT_MS = 2000
 
 
 class RedisClusterError(RuntimeError):
@@ -42,6 +48,18 @@ class ClusterTLS:
     cert: str
     key: str
     ca: str
+
+
+def default_directory() -> Path:
+    """``$XDG_RUNTIME_DIR/igtcache-cluster``, else ``/tmp/igtcache-cluster-USER``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "igtcache-cluster"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = str(os.getuid())
+    return Path("/tmp") / f"igtcache-cluster-{user}"
 
 
 def _port_free(port: int) -> bool:
@@ -86,6 +104,11 @@ def redis_cli(port: int, *args: str, tls: ClusterTLS | None = None,
     )
 
 
+def _info_field(text: str, name: str) -> str | None:
+    """The value of ``name:value`` in ``INFO`` or ``CLUSTER INFO`` output."""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name + ":")), None)
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for its parent does not)."""
     try:
@@ -105,35 +128,48 @@ def _is_redis_node(pid: int, port: int) -> bool:
 
 
 class RedisClusterProcess:
-    """A Redis Cluster of ``nodes`` masters on 127.0.0.1, started and stopped by this object.
+    """A Redis Cluster of ``nodes`` masters (each with ``replicas`` replicas, 0 or 1) on 127.0.0.1,
+    started and stopped by this object.
 
     ``with RedisClusterProcess(tmp_dir) as cluster: ClusterTier(cluster.url, ...)``.
-    ``base_port`` puts the nodes on ``base_port .. base_port + nodes - 1`` (and
+    ``base_port`` puts the servers on ``base_port`` and the ports after it (and
     their bus ports 10000 higher); without it, free ports are picked.
-    ``detach=True`` starts the nodes in their own session, so that they outlive
-    this process (the ``igtcache cluster start`` command).
+    ``node_timeout_ms``: how long a node may be unreachable before the others
+    mark it failed and its replica takes over. ``detach=True`` starts the
+    servers in their own session, so that they outlive this process (the
+    ``igtcache cluster up`` command).
     """
 
     def __init__(
         self,
         directory: str | os.PathLike,
         nodes: int = 3,
+        replicas: int = 0,
         base_port: int | None = None,
-        maxmemory: int = 256 << 20,
+        maxmemory: int = DEFAULT_MEMORY,
+        node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS,
         tls: ClusterTLS | None = None,
         timeout: float = 30.0,
         detach: bool = False,
     ) -> None:
         if nodes < MIN_NODES:
             raise ValueError(f"a Redis Cluster needs at least {MIN_NODES} masters, got {nodes}")
+        if replicas not in (0, 1):
+            raise ValueError(f"replicas per master must be 0 or 1, got {replicas}")
+        if node_timeout_ms < 100:
+            raise ValueError(f"node timeout must be at least 100 ms, got {node_timeout_ms}")
         self.directory = Path(directory).resolve()
         self.nodes = nodes
+        self.replicas = replicas
         self.base_port = base_port
         self.maxmemory = maxmemory
+        self.node_timeout_ms = node_timeout_ms
         self.tls = tls
         self.timeout = timeout
         self.detach = detach
-        self.ports: list[int] = []
+        self.ports: list[int] = []  # every server, in the order started
+        self.master_ports: list[int] = []  # as created; a failover changes the roles
+        self.master_of: dict[int, int] = {}  # replica port -> its master's port, as created
         self._procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -146,16 +182,21 @@ class RedisClusterProcess:
     def pids(self) -> list[int]:
         return [self._procs[port].pid for port in self.ports]
 
+    @property
+    def replica_ports(self) -> list[int]:
+        return list(self.master_of)
+
     def start(self) -> "RedisClusterProcess":
-        """Start the nodes, join them into a cluster and wait for ``cluster_state:ok``."""
+        """Start the servers, join them into a cluster and wait until every slot is served and
+        every replica is linked to its master."""
         _require("redis-server")
         _require("redis-cli")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _own_directory(self.directory)
         running = recorded_nodes(self.directory)
         if any(_is_redis_node(pid, port) for port, pid in running):
             raise RedisClusterError(
                 f"a cluster already runs from {self.directory} (pids {' '.join(str(p) for _, p in running)}); "
-                f"stop it first: igtcache cluster stop --dir {self.directory}"
+                f"stop it first: igtcache cluster down {self.directory}"
             )
         self.ports = self._choose_ports()
         deadline = time.monotonic() + self.timeout
@@ -167,7 +208,9 @@ class RedisClusterProcess:
             for port in self.ports:
                 self._wait_ready(port, deadline)
             self._create()
-            self._wait_state_ok(deadline)
+            self._wait_ok(deadline)
+            self._read_roles()
+            self._wait_replicas_linked(deadline)
         except BaseException:
             self.stop()
             raise
@@ -175,9 +218,10 @@ class RedisClusterProcess:
         return self
 
     def _choose_ports(self) -> list[int]:
+        count = self.nodes * (1 + self.replicas)
         if self.base_port is None:
-            return free_cluster_ports(self.nodes)
-        ports = list(range(self.base_port, self.base_port + self.nodes))
+            return free_cluster_ports(count)
+        ports = list(range(self.base_port, self.base_port + count))
         if ports[-1] + BUS_PORT_OFFSET > 65535:
             raise RedisClusterError(
                 f"--base-port {self.base_port} is too high: the bus ports (port + {BUS_PORT_OFFSET}) "
@@ -205,10 +249,12 @@ class RedisClusterProcess:
             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
             "--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lfu",
-            # Short node timeout: a dead master is marked failed in ~2 s. Without replicas
-            # its slots stay down, and the other nodes go on serving theirs.
-            "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no",
+            # A dead master is marked failed after the node timeout; its replica then takes
+            # over, and without one the other nodes go on serving their own slots.
+            "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-require-full-coverage", "no",
             "--cluster-allow-reads-when-down", "yes",
+            # A replica syncs at once (diskless), not after the default 5 s wait for others.
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
         ]
 
     def _log(self, port: int) -> Path:
@@ -246,39 +292,106 @@ class RedisClusterProcess:
     def _create(self) -> None:
         done = subprocess.run(
             ["redis-cli", *(["--tls", "--cacert", self.tls.ca] if self.tls else []), "--cluster", "create",
-             *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
+             *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", str(self.replicas),
+             "--cluster-yes"],
             capture_output=True, text=True, timeout=self.timeout, stdin=subprocess.DEVNULL,
         )
         if done.returncode != 0:
             raise RedisClusterError(f"redis-cli --cluster create failed: {(done.stdout + done.stderr).strip()[-800:]}")
 
-    def _wait_state_ok(self, deadline: float) -> None:
-        waiting = list(self.ports)
+    def _running(self) -> list[int]:
+        return [port for port in self.ports if self._procs[port].poll() is None]
+
+    def _wait_ok(self, deadline: float) -> None:
+        waiting = self._running()
         while waiting:
-            waiting = [port for port in waiting
-                       if "cluster_state:ok" not in redis_cli(port, "cluster", "info", tls=self.tls).stdout]
+            waiting = [port for port in waiting if not self._serves_all_slots(port)]
             if waiting and time.monotonic() > deadline:
                 raise RedisClusterError(
-                    f"the cluster did not reach cluster_state:ok within {self.timeout:g} s "
+                    f"the cluster did not reach cluster_state:ok with all {SLOTS} slots served in time "
                     f"(nodes {', '.join(map(str, waiting))} not ok; logs in {self.directory})"
                 )
             if waiting:
                 time.sleep(0.1)
+
+    def _serves_all_slots(self, port: int) -> bool:
+        """Whether ``port`` sees the cluster ok with every slot on a master it deems healthy."""
+        info = redis_cli(port, "cluster", "info", tls=self.tls).stdout
+        return _info_field(info, "cluster_state") == "ok" and _info_field(info, "cluster_slots_ok") == str(SLOTS)
+
+    def wait_ok(self, timeout: float = 15.0) -> float:
+        """Wait until every running node reports ``cluster_state:ok`` and all slots ok (after a
+        failover: the replica serves the dead master's slots); returns the seconds waited."""
+        started = time.monotonic()
+        self._wait_ok(started + timeout)
+        return time.monotonic() - started
+
+    def _read_roles(self) -> None:
+        """``master_ports`` and ``master_of`` from each node's own line in ``CLUSTER NODES``."""
+        port_of, master_id = {}, {}
+        for port in self.ports:
+            line = next(line for line in self.cli(port, "cluster", "nodes").splitlines() if "myself" in line)
+            node_id, _address, flags, master = line.split()[:4]
+            port_of[node_id] = port
+            if "slave" in flags.split(","):
+                master_id[port] = master
+        self.master_of = {port: port_of[master] for port, master in master_id.items()}
+        self.master_ports = [port for port in self.ports if port not in self.master_of]
+
+    def _wait_replicas_linked(self, deadline: float) -> None:
+        waiting = self.replica_ports
+        while waiting:
+            waiting = [port for port in waiting if _info_field(
+                redis_cli(port, "info", "replication", tls=self.tls).stdout, "master_link_status") != "up"]
+            if waiting and time.monotonic() > deadline:
+                raise RedisClusterError(
+                    f"replicas {', '.join(map(str, waiting))} did not link to their masters within "
+                    f"{self.timeout:g} s (logs in {self.directory})"
+                )
+            if waiting:
+                time.sleep(0.1)
+
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Wait until each replica (as created) has applied everything its master had written so
+        far: a master killed after this loses nothing that its replica cannot serve."""
+        deadline = time.monotonic() + timeout
+        for replica, master in self.master_of.items():
+            written = int(_info_field(self.cli(master, "info", "replication"), "master_repl_offset") or 0)
+            while int(_info_field(self.cli(replica, "info", "replication"), "slave_repl_offset") or 0) < written:
+                if time.monotonic() > deadline:
+                    raise RedisClusterError(f"replica {replica} did not catch up with master {master} "
+                                            f"within {timeout:g} s")
+                time.sleep(0.02)
 
     def _record(self) -> None:
         state = {"url": self.url, "ports": self.ports, "pids": self.pids,
                  "tls": None if self.tls is None else vars(self.tls)}
         (self.directory / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
 
-    def kill_node(self, index: int) -> int:
-        """SIGKILL node ``index`` (a crash, for failure tests); returns its port."""
-        port = self.ports[index]
+    def _port(self, port_or_index: int) -> int:
+        return port_or_index if port_or_index in self._procs else self.ports[port_or_index]
+
+    def kill_node(self, port_or_index: int) -> int:
+        """SIGKILL a server (a crash, for failure tests), given its port or its index in ``ports``;
+        returns its port."""
+        port = self._port(port_or_index)
         self._procs[port].kill()
         self._procs[port].wait()
         return port
 
+    def restart_node(self, port_or_index: int) -> int:
+        """Start a killed server again on its port from its cluster config: it rejoins the cluster
+        (empty: nothing persists), a master with its slots unless a replica took them over."""
+        port = self._port(port_or_index)
+        if self._procs[port].poll() is None:
+            raise RedisClusterError(f"the node on port {port} still runs")
+        self._spawn(port)
+        self._wait_ready(port, time.monotonic() + self.timeout)
+        self._record()
+        return port
+
     def stop(self) -> None:
-        """Stop every node this object started (SIGTERM, then SIGKILL after 5 s)."""
+        """Stop every server this object started (SIGTERM, then SIGKILL after 5 s)."""
         for proc in self._procs.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -295,6 +408,14 @@ class RedisClusterProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _own_directory(directory: Path) -> None:
+    """Create ``directory`` (mode 0700); refuse a symlink or another user's (a shared /tmp)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid not in (os.getuid(), 0):
+        raise RedisClusterError(f"{directory} is a symlink or belongs to another user; choose another --dir")
 
 
 def _read_state(directory: Path) -> dict | None:
@@ -336,50 +457,69 @@ def _status(directory: Path) -> int:
     healthy = True
     for port, pid in zip(state["ports"], state["pids"]):
         up = _is_redis_node(pid, port)
-        info = redis_cli(port, "cluster", "info", tls=tls).stdout if up else ""
-        cluster_state = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                              if line.startswith("cluster_state:")), "-")
+        info = redis_cli(port, "info", "replication", tls=tls).stdout if up else ""
+        cluster = redis_cli(port, "cluster", "info", tls=tls).stdout if up else ""
+        role = {"master": "master", "slave": "replica"}.get(_info_field(info, "role") or "", "-")
+        cluster_state = _info_field(cluster, "cluster_state") or "-"
         healthy &= up and cluster_state == "ok"
-        print(f"  127.0.0.1:{port}  pid {pid:<8} {'running' if up else 'DOWN':<8} cluster_state {cluster_state}")
+        print(f"  127.0.0.1:{port}  pid {pid:<8} {'running' if up else 'DOWN':<8} {role:<8} "
+              f"cluster_state {cluster_state}")
     return 0 if healthy else 1
 
 
 def _parser() -> argparse.ArgumentParser:
+    default_dir = default_directory()
     parser = argparse.ArgumentParser(
         prog="igtcache cluster",
-        description="A local Redis Cluster for igtcache's cluster tier: masters without replicas on "
-        "127.0.0.1, no persistence, maxmemory per node with allkeys-lfu eviction. "
-        "Needs redis-server and redis-cli (apt-get install redis-server).",
+        description="A local Redis Cluster for igtcache's cluster tier, on 127.0.0.1 and configured as a "
+        "cache: no persistence, a memory bound per node with allkeys-lfu eviction, and the healthy nodes "
+        "keep serving while one is down. Needs redis-server and redis-cli (apt-get install redis-server).",
         epilog="example:\n"
-        "  URL=$(igtcache cluster start --dir /tmp/igt-redis | head -1)   # redis://127.0.0.1:P1,...\n"
-        "  igtcache cluster status --dir /tmp/igt-redis\n"
-        "  igtcache cluster stop --dir /tmp/igt-redis",
+        "  igtcache cluster up --replicas 1 --memory 2GiB   # first line: redis://127.0.0.1:P1,...\n"
+        "  igtcache cluster status\n"
+        "  igtcache cluster down\n"
+        "\nin Python: igtcache.Cache(\"s3://bucket/data\", cluster=\"redis://127.0.0.1:P1,...\")\n"
+        f"without --dir/DIR the cluster lives in {default_dir}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    start = sub.add_parser("start", help="start the nodes, create the cluster, print its URL and return",
-                           description="Start NODES redis-server masters, join them with `redis-cli --cluster "
-                           "create` and wait for cluster_state:ok. Prints the URL on the first line, then the "
-                           "pids. The nodes keep running after this command returns.")
-    start.add_argument("--dir", required=True, type=Path,
-                       help="directory for the nodes' configs, logs and cluster.json (created if missing)")
-    start.add_argument("--nodes", type=int, default=3, metavar="N", help=f"number of masters, at least {MIN_NODES} (default 3)")
-    start.add_argument("--base-port", type=int, metavar="PORT", help="first port; nodes take consecutive ports, and each also "
-                       f"port + {BUS_PORT_OFFSET} for the cluster bus (default: free ports are picked)")
-    start.add_argument("--maxmemory", type=size_argument, default=256 << 20, metavar="SIZE",
-                       help="memory bound per node, e.g. 256MiB or 2GiB; past it the least frequently used "
-                       "keys are evicted (default 256MiB)")
-    start.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="seconds to wait for the cluster to come up (default 30)")
-    tls = start.add_argument_group("TLS", "All three make a TLS-only cluster; its URL is "
-                                   "rediss://...?ssl_ca_certs=CA, which the cluster tier takes as it is.")
+    up = sub.add_parser(
+        "up", help="start the nodes, create the cluster, print its URL and return",
+        description="Start NODES redis-server masters (and a replica for each with --replicas 1), join them "
+        "with `redis-cli --cluster create` and wait until every slot is served and every replica is linked. "
+        "Prints the URL on the first line (for Cache(cluster=URL)), then the "
+        "pids and the directory. The nodes keep running after this command returns.")
+    up.add_argument("--dir", type=Path, default=default_dir,
+                    help=f"directory for the nodes' configs, logs and cluster.json, created if missing "
+                    f"(default {default_dir})")
+    up.add_argument("--nodes", type=int, default=3, metavar="N",
+                    help=f"number of masters, at least {MIN_NODES} (default 3)")
+    up.add_argument("--replicas", type=int, choices=(0, 1), default=0,
+                    help="replicas per master (default 0). With 1, a master that dies is replaced by its "
+                    "replica after --node-timeout and its blocks stay shared; with 0 they are fetched "
+                    "from the remote again")
+    up.add_argument("--memory", type=size_argument, default=DEFAULT_MEMORY, metavar="SIZE",
+                    help="memory bound per server (replicas too), e.g. 512MiB or 4GiB; past it the least "
+                    f"frequently used blocks are evicted (default {format_size(DEFAULT_MEMORY)})")
+    up.add_argument("--node-timeout", type=int, default=DEFAULT_NODE_TIMEOUT_MS, metavar="MS",
+                    help="how long a node may be unreachable before it is marked failed and its replica "
+                    f"takes over (default {DEFAULT_NODE_TIMEOUT_MS})")
+    up.add_argument("--base-port", type=int, metavar="PORT",
+                    help="first port; servers take consecutive ports, and each also "
+                    f"port + {BUS_PORT_OFFSET} for the cluster bus (default: free ports are picked)")
+    up.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="seconds to wait for the cluster to come up (default 30)")
+    tls = up.add_argument_group("TLS", "All three make a TLS-only cluster; its URL is "
+                                "rediss://...?ssl_ca_certs=CA, which the cluster tier takes as it is.")
     tls.add_argument("--tls-cert", metavar="PEM", help="the nodes' certificate")
     tls.add_argument("--tls-key", metavar="PEM", help="its private key")
     tls.add_argument("--tls-ca", metavar="PEM", help="the CA certificate that nodes and clients trust")
-    for action, text in (("stop", "stop the nodes started from DIR"),
-                         ("status", "show each node and its cluster_state (exit status 1 unless all are ok)")):
+    for action, text in (("down", "stop the nodes started from DIR (by `up`)"),
+                         ("status", "show each node, its role and cluster_state (exit status 1 unless all are ok)")):
         cmd = sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
-        cmd.add_argument("--dir", required=True, type=Path, help="the directory given to `start`")
+        cmd.add_argument("directory", nargs="?", type=Path, metavar="DIR",
+                         help=f"the directory given to `up` (default {default_dir})")
+        cmd.add_argument("--dir", type=Path, dest="dir_option", metavar="DIR", help="the same as DIR")
     return parser
 
 
@@ -387,23 +527,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.action == "start":
+        if args.action == "up":
             tls_files = (args.tls_cert, args.tls_key, args.tls_ca)
             if any(tls_files) and not all(tls_files):
                 parser.error("TLS needs all of --tls-cert, --tls-key and --tls-ca")
             tls = ClusterTLS(*(os.path.abspath(f) for f in tls_files)) if all(tls_files) else None
-            cluster = RedisClusterProcess(args.dir, nodes=args.nodes, base_port=args.base_port,
-                                          maxmemory=args.maxmemory, tls=tls, timeout=args.timeout, detach=True)
+            cluster = RedisClusterProcess(args.dir, nodes=args.nodes, replicas=args.replicas,
+                                          base_port=args.base_port, maxmemory=args.memory,
+                                          node_timeout_ms=args.node_timeout, tls=tls, timeout=args.timeout,
+                                          detach=True)
             cluster.start()
             print(cluster.url)
-            print(f"pids {' '.join(map(str, cluster.pids))}; {args.nodes} masters, maxmemory "
-                  f"{format_size(args.maxmemory)} each; stop with: igtcache cluster stop --dir {args.dir}")
+            replicas = f" and {len(cluster.master_of)} replicas" if cluster.master_of else ""
+            print(f"pids {' '.join(map(str, cluster.pids))}; {args.nodes} masters{replicas}, maxmemory "
+                  f"{format_size(args.memory)} each")
+            print(f"directory {cluster.directory}; stop with: igtcache cluster down {cluster.directory}")
             return 0
-        if args.action == "stop":
-            pids = stop_recorded(args.dir)
-            print(f"stopped pids {' '.join(map(str, pids))}" if pids else f"no running cluster recorded in {args.dir}")
+        if args.directory and args.dir_option and args.directory != args.dir_option:
+            parser.error(f"two directories given: {args.directory} and --dir {args.dir_option}")
+        directory = args.directory or args.dir_option or default_directory()
+        if args.action == "down":
+            pids = stop_recorded(directory)
+            print(f"stopped pids {' '.join(map(str, pids))}" if pids else f"no running cluster recorded in {directory}")
             return 0
-        return _status(args.dir)
+        return _status(directory)
     except (RedisClusterError, ValueError) as exc:
         print(f"igtcache cluster: {exc}", file=sys.stderr)
         return 1

@@ -13,21 +13,37 @@ import pytest
 import redis
 
 from igtcache import Cache
+from igtcache.cluster_tier import ClusterTier
 from igtcache.redis_cluster import RedisClusterProcess
 
 from .helpers import ManualClock
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 256 * KiB
+# The failure tests' tier: a generous deadline (2 shared cores) and a short circuit cool-down.
+TIMEOUT, COOLDOWN = 0.5, 1.0
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def _need_redis() -> None:
     if shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is missing on CI (make setup installs it)")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _need_redis()
     with RedisClusterProcess(tmp_path_factory.mktemp("redis"), maxmemory=64 * MiB) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """Three masters with a replica each; a master unreachable for 1 s is failed over."""
+    _need_redis()
+    with RedisClusterProcess(tmp_path_factory.mktemp("redis-replicated"), replicas=1, node_timeout_ms=1000,
+                             maxmemory=64 * MiB) as running:
         yield running
 
 
@@ -39,6 +55,31 @@ def _node(s3_server, prefix, cluster_url, **kwargs) -> Cache:
 
 def _published(cache: Cache) -> None:
     assert cache.source.cluster.flush(10)
+
+
+def _tier(url: str, prefix: str) -> ClusterTier:
+    """A tier for ``Cache(cluster=...)`` with the failure tests' deadline and cool-down."""
+    return ClusterTier(url, remote_id=f"s3://{prefix}", block_size=BLOCK, timeout=TIMEOUT,
+                       circuit_cooldown=COOLDOWN)
+
+
+def _tier_state(cache: Cache) -> dict:
+    """The cluster tier's counters, circuits and state (up, degraded, down)."""
+    return cache.stats()["cluster"]
+
+
+def _read_blocks(cache: Cache, data: bytes) -> tuple[int, int, float]:
+    """Read ``obj`` afresh, one read per block, checking every byte; returns the blocks that
+    came from the cluster, those that came from the remote, and the slowest read's seconds."""
+    cache.invalidate("obj")
+    before, slowest = cache.stats(), 0.0
+    for offset in range(0, len(data), BLOCK):
+        started = time.monotonic()
+        assert cache.read("obj", offset, BLOCK) == data[offset:offset + BLOCK]
+        slowest = max(slowest, time.monotonic() - started)
+    after = cache.stats()
+    return ((after["cluster_bytes"] - before["cluster_bytes"]) // BLOCK,
+            (after["remote_bytes"] - before["remote_bytes"]) // BLOCK, slowest)
 
 
 def test_a_block_one_node_fetched_is_served_to_another_from_the_cluster(cluster, s3_server, s3):
@@ -108,6 +149,83 @@ def test_an_unreachable_cluster_gives_misses_not_errors_or_hangs(s3_server, s3):
             assert node.read("obj") == data
         assert node.stats()["cluster"]["state"] in ("down", "degraded")
     assert time.monotonic() - started < 20
+
+
+# A read asks the cluster at most three times (look, lease, look again), each within its
+# deadline, before the remote: with room for the remote and a loaded machine.
+SLOWEST_READ = 3 * TIMEOUT + 1.5
+
+
+def test_a_killed_master_fails_over_and_a_running_cache_hits_again(replicated, s3_server, s3):
+    """SIGKILL of a master: its replica takes over its slots and blocks, and a Cache built before
+    the kill serves hits from the cluster again without a restart; every read meanwhile is right
+    and prompt."""
+    cluster = replicated
+    assert len(cluster.master_ports) == 3 and sorted(cluster.master_of.values()) == sorted(cluster.master_ports)
+    fs, prefix = s3
+    blocks = 24
+    data = random.Random(6).randbytes(blocks * BLOCK)
+    fs.pipe(f"{prefix}/obj", data)
+    with _node(s3_server, prefix, _tier(cluster.url, prefix)) as writer:
+        assert writer.read("obj") == data
+        _published(writer)
+    cluster.wait_replicated()
+    with _node(s3_server, prefix, _tier(cluster.url, prefix)) as node:
+        assert _read_blocks(node, data)[:2] == (blocks, 0)
+        victim = cluster.master_ports[0]
+        replica = next(port for port, master in cluster.master_of.items() if master == victim)
+        killed = time.monotonic()
+        cluster.kill_node(victim)
+        promoted = recovered = None
+        slowest, most_missed = 0.0, 0
+        while recovered is None:
+            assert time.monotonic() - killed < 15, f"no recovery 15 s after the kill: {_tier_state(node)}"
+            from_cluster, from_remote, slow = _read_blocks(node, data)
+            slowest, most_missed = max(slowest, slow), max(most_missed, from_remote)
+            if promoted is None and cluster.cli(replica, "role").startswith("master"):
+                promoted = time.monotonic() - killed
+            if promoted is not None and from_cluster == blocks and _tier_state(node)["state"] == "up":
+                recovered = time.monotonic() - killed
+        print(f"failover: replica promoted {promoted:.2f} s after the kill, all hits again at "
+              f"{recovered:.2f} s; slowest read {slowest * 1000:.0f} ms")
+        cluster.wait_ok()
+        circuits = _tier_state(node)["circuit"]
+        assert f"127.0.0.1:{replica}" in circuits and f"127.0.0.1:{victim}" not in circuits, circuits
+        assert 0 < most_missed < blocks  # the victim's blocks came from the remote for a while, no others
+        assert slowest < SLOWEST_READ, slowest
+        assert recovered - promoted < COOLDOWN + 3.0, (promoted, recovered)
+
+
+def test_the_whole_cluster_down_then_back_on_its_ports(s3_server, s3, tmp_path):
+    """Every node stopped: reads come from the remote and the state is "down". The nodes started
+    again on the same ports (empty): after the cool-down the state is "up" and hits resume."""
+    _need_redis()
+    fs, prefix = s3
+    blocks = 12
+    data = random.Random(7).randbytes(blocks * BLOCK)
+    fs.pipe(f"{prefix}/obj", data)
+    with RedisClusterProcess(tmp_path, node_timeout_ms=1000, maxmemory=64 * MiB) as cluster, \
+            _node(s3_server, prefix, _tier(cluster.url, prefix)) as node:
+        assert node.read("obj") == data
+        _published(node)
+        assert _read_blocks(node, data)[:2] == (blocks, 0)
+        for port in cluster.ports:
+            cluster.kill_node(port)
+        for _ in range(3):
+            from_cluster, from_remote, slowest = _read_blocks(node, data)
+            assert (from_cluster, from_remote) == (0, blocks) and slowest < SLOWEST_READ, slowest
+        assert _tier_state(node)["state"] == "down", _tier_state(node)["circuit"]
+
+        for port in cluster.ports:
+            cluster.restart_node(port)
+        cluster.wait_ok()
+        back = time.monotonic()
+        while _tier_state(node)["state"] != "up":
+            assert time.monotonic() - back < COOLDOWN + 5, _tier_state(node)["circuit"]
+            _read_blocks(node, data)  # the probes after the cool-down close the circuits
+        _read_blocks(node, data)  # nothing persisted: these reads publish the blocks again
+        _published(node)
+        assert _read_blocks(node, data)[:2] == (blocks, 0)
 
 
 def test_many_nodes_missing_one_block_fetch_it_from_the_remote_once(cluster, s3_server, s3):

@@ -27,6 +27,7 @@ from igtcache.cluster_url import parse_cluster_url
 from igtcache.local_s3 import free_port
 from igtcache.policies import BlockKey
 from igtcache.redis_cluster import ClusterTLS, RedisClusterError, RedisClusterProcess, free_cluster_ports
+from igtcache.redis_cluster import main as cluster_command
 
 MiB = 1 << 20
 B = 1 * MiB
@@ -173,6 +174,8 @@ def test_unreachable_cluster_is_a_miss_then_an_open_circuit():
 def test_launcher_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="at least 3"):
         RedisClusterProcess(tmp_path, nodes=2)
+    with pytest.raises(ValueError, match="0 or 1"):
+        RedisClusterProcess(tmp_path, replicas=2)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RedisClusterError, match="apt-get install redis-server"):
         RedisClusterProcess(tmp_path).start()
@@ -467,35 +470,43 @@ def test_tls_cluster(tmp_path):
         cluster.stop()
 
 
-def test_cluster_command_start_status_stop(tmp_path):
+def test_cluster_command_up_status_down(tmp_path, monkeypatch, capsys):
+    """``up`` runs as the command does (its nodes outlive it); the rest in-process, for time."""
     _need_redis()
-    command = [sys.executable, "-m", "igtcache.cli", "cluster"]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # where the default --dir goes
 
     def run(*args):
-        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+        status = cluster_command([*args])
+        out, err = capsys.readouterr()
+        return status, out, err
 
     # A busy --base-port is refused, naming the port.
     port = free_cluster_ports(1)[0]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port + 1))
         sock.listen()
-        busy = run("start", "--dir", str(tmp_path), "--base-port", str(port))
-    assert busy.returncode == 1 and f"ports busy on 127.0.0.1: {port + 1}" in busy.stderr
+        status, _, err = run("up", "--dir", str(tmp_path / "busy"), "--base-port", str(port))
+    assert status == 1 and f"ports busy on 127.0.0.1: {port + 1}" in err
 
-    started = run("start", "--dir", str(tmp_path), "--maxmemory", "32MiB")
+    directory = tmp_path / "igtcache-cluster"
+    started = subprocess.run([sys.executable, "-m", "igtcache.cli", "cluster", "up", "--replicas", "1",
+                              "--memory", "32MiB"], capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
-    url, pids = started.stdout.splitlines()[0], started.stdout.splitlines()[1]
+    url, pids, where = started.stdout.splitlines()[:3]
     try:
-        assert url.startswith("redis://127.0.0.1:") and url.count(",") == 2
+        assert url.startswith("redis://127.0.0.1:") and url.count(",") == 5  # 3 masters, 3 replicas
+        assert "3 masters and 3 replicas, maxmemory 32 MiB each" in pids
+        assert where == f"directory {directory}; stop with: igtcache cluster down {directory}"
         with _tier(url) as tier:
             key, data = _key(), os.urandom(B)
             _published(tier, key, data)
             assert tier.fetch_block(key, 0, B).result(5) == data
-        status = run("status", "--dir", str(tmp_path))
-        assert status.returncode == 0 and status.stdout.count("cluster_state ok") == 3, status.stdout
-        again = run("start", "--dir", str(tmp_path))
-        assert again.returncode == 1 and "already runs" in again.stderr
+        status, out, _ = run("status")
+        assert status == 0 and out.count("cluster_state ok") == 6, out
+        assert out.count(" master ") == 3 and out.count(" replica ") == 3, out
+        status, _, err = run("up", "--dir", str(directory))
+        assert status == 1 and "already runs" in err
     finally:
-        stopped = run("stop", "--dir", str(tmp_path))
-    assert stopped.returncode == 0 and stopped.stdout.split()[2:] == pids.split(";")[0].split()[1:]
-    assert run("status", "--dir", str(tmp_path)).returncode == 1
+        status, out, _ = run("down", str(directory))
+    assert status == 0 and out.split()[2:] == pids.split(";")[0].split()[1:]
+    assert run("status", "--dir", str(directory))[0] == 1
