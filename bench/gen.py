@@ -49,6 +49,21 @@ loop
     same order again and again (repeated evaluation passes).
     --jobs [1] --files [8] --file-size [1GiB] --loops [4] --read-size [4MiB]
     --throughput [500MB].
+cluster-train
+    Data-parallel training on --nodes nodes (a cluster trace: jobs are
+    nodeK/train-R): every epoch shuffles the dataset's files and splits the
+    order among all ranks, each reading its files whole. --nodes [16]
+    --jobs [1] (ranks per node) --files [2048] --file-size [4MiB]
+    --epochs [40] --read-size [4MiB] --throughput [1600MB] (the whole job's,
+    all ranks together).
+cluster-adapters
+    Adapter serving on --nodes nodes (jobs nodeK/serve-R): loads arrive at
+    --rate per second across the cluster; each goes to a random server and
+    reads a LoRA adapter, drawn from one Zipf popularity, whole and front to
+    back.
+    --nodes [16] --jobs [1] (servers per node) --loads [25600] --adapters [1024]
+    --adapter-size [8MiB] --zipf [1.0] --rate [100] --read-size [4MiB]
+    --throughput [1GB] (per server).
 mix
     Several scenarios at once with their default options (and --scale), each
     stretched in time to span the same duration, so they run concurrently
@@ -69,6 +84,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Callable, ClassVar, Iterable, Iterator
 
+from igtcache.bench.cluster_traces import node_job
 from igtcache.bench.trace import TraceRow, TraceWriter
 from igtcache.sizes import format_size, size_argument
 
@@ -392,6 +408,74 @@ SCENARIOS: dict[str, type[Scenario]] = {
 }
 
 
+@dataclass
+class ClusterTrain(Scenario):
+    """Data-parallel training on N nodes: each epoch's shuffled order of the files split among all ranks."""
+
+    name: ClassVar[str] = "cluster-train"
+    nodes: int = _integer(16, "nodes")
+    jobs: int = _integer(1, "data-parallel ranks per node")
+    files: int = _count(2048, "files in the dataset")
+    file_size: int = _size(4 * MiB, "bytes per file")
+    epochs: int = _integer(40, "passes over the data")
+    read_size: int = _size(4 * MiB, "bytes per read")
+    throughput: int = _size(1600 * MB, "bytes per second of the whole job, all ranks together")
+
+    def rows(self, rng: random.Random) -> Iterator[TraceRow]:
+        orders = _epoch_orders(rng, self.files, self.epochs)
+        world = self.nodes * self.jobs
+        starts = [rng.uniform(0, 0.1) for _ in range(world)]
+
+        def rank(g: int) -> Iterator[TraceRow]:
+            clock = _Clock(starts[g], self.throughput / world)
+            job = node_job(g // self.jobs, f"train-{g % self.jobs}")
+            for order in orders:
+                for i in order[g::world]:
+                    yield from _scan(clock, job, f"cluster-train/part-{i:06d}.bin", self.file_size, self.read_size)
+
+        return _merge(rank(g) for g in range(world))
+
+
+@dataclass
+class ClusterAdapters(Scenario):
+    """Adapter serving on N nodes: Zipf-popular LoRA adapters loaded whole by every node's servers."""
+
+    name: ClassVar[str] = "cluster-adapters"
+    nodes: int = _integer(16, "nodes")
+    jobs: int = _integer(1, "serving processes per node")
+    loads: int = _count(25600, "adapter loads in all, each by a random server")
+    adapters: int = _integer(1024, "LoRA adapters")
+    adapter_size: int = _size(8 * MiB, "bytes per adapter")
+    zipf: float = _number(1.0, "Zipf exponent of popularity")
+    rate: float = _number(100.0, "loads per second across the cluster, Poisson (0: all at once)")
+    read_size: int = _size(4 * MiB, "bytes per read")
+    throughput: int = _size(1 * GB, "bytes per second per server")
+
+    def rows(self, rng: random.Random) -> Iterator[TraceRow]:
+        weights = _zipf_cum_weights(self.adapters, self.zipf)
+        ids = rng.sample(range(self.adapters), self.adapters)  # popularity rank -> adapter
+        servers = self.nodes * self.jobs
+        plans: list[list[tuple[float, int]]] = [[] for _ in range(servers)]
+        t = 0.0
+        for rank in rng.choices(range(self.adapters), cum_weights=weights, k=self.loads):
+            t += rng.expovariate(self.rate) if self.rate else 0.0
+            plans[rng.randrange(servers)].append((t, ids[rank]))
+
+        def server(s: int) -> Iterator[TraceRow]:
+            clock = _Clock(0.0, self.throughput)
+            job = node_job(s // self.jobs, f"serve-{s % self.jobs}")
+            for arrival, i in plans[s]:
+                clock.t = max(clock.t, arrival)  # a load waits for the server's previous one
+                yield from _scan(clock, job, f"cluster-adapters/lora-{i:05d}/adapter.safetensors",
+                                 self.adapter_size, self.read_size)
+
+        return _merge(server(s) for s in range(servers))
+
+
+# Cluster traces name each job's node (igtcache.bench.cluster_traces); mix leaves them out.
+CLUSTER_SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (ClusterTrain, ClusterAdapters)}
+
+
 def mix(names: Iterable[str], rng: random.Random, scale: float = 1.0,
         status: Callable[[str], None] | None = None) -> Iterator[TraceRow]:
     """Scenarios ``names`` (default options, scaled) running at once.
@@ -472,7 +556,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
-    for name, cls in SCENARIOS.items():
+    for name, cls in {**SCENARIOS, **CLUSTER_SCENARIOS}.items():
         _add_options(sub.add_parser(name, parents=[common], help=cls.__doc__, description=cls.__doc__), cls)
     mixed = sub.add_parser("mix", parents=[common], help="Several scenarios at once, interleaved.",
                            description=mix.__doc__.split("\n\n")[0])
@@ -496,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--of: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
         rows = mix(names, rng, args.scale, status=progress.note)
     else:
-        cls = SCENARIOS[args.scenario]
+        cls = SCENARIOS.get(args.scenario) or CLUSTER_SCENARIOS[args.scenario]
         options = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         try:
             scenario = cls(**options).scaled(args.scale)

@@ -16,10 +16,10 @@ COMMANDS = {
     "unmount": ("igtcache.fuse.unmount", "unmount an igtcache mount, lazily if files are still open"),
     "serve": ("igtcache.daemon.serve", "run the node daemon: one cache shared by every job, on a Unix socket"),
     "stats": ("igtcache.stats_cmd", "what the daemon is doing: tiers, hit ratios, jobs, streams (--watch)"),
-    "cluster": ("igtcache.redis_cluster", "a local Redis Cluster for the cluster tier: up, down, status"),
+    "cluster": ("igtcache.redis_cluster", "start, stop or check a local Redis Cluster for the cluster tier"),
 }
 
-# ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)``.
+# ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)`` (``-`` in NAME read as ``_``).
 BENCHMARKS = {
     "engine": "hit-path throughput of the memory and disk tiers next to a local file in page cache",
     "classify": "classifier accuracy at 32..1024 accesses, record() cost next to a dict update, tree memory",
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "lora": "multi-LoRA serving: dependency tree + cost model vs vLLM- and S-LoRA-style pools (KV hit, TTFT)",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
+    "replay-cluster": "replay a cluster trace: a policy per node, a shared cluster tier (Redis LRU/LFU), one remote",
     "e2e": "job completion time of a scenario's concurrent jobs reading from S3 via a shaping proxy, per contender",
     "soak": "fault soak: every reader kind under seeded daemon, S3, disk and LMDB faults; wrong bytes, stalls, recovery",
 }
@@ -46,14 +47,14 @@ def bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="igtcache bench",
         description="Run a benchmark; each prints its figures next to a baseline from the same run.",
-        epilog="benchmarks:\n" + "\n".join(f"  {name:<10}{text}" for name, text in BENCHMARKS.items())
+        epilog="benchmarks:\n" + "\n".join(f"  {name:<16}{text}" for name, text in BENCHMARKS.items())
         + "\n\n`igtcache bench NAME --help` shows a benchmark's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="which benchmark")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="options for that benchmark")
     ns = parser.parse_args(argv)
-    return importlib.import_module(f"igtcache.bench.{ns.name}").main(ns.args)
+    return importlib.import_module(f"igtcache.bench.{ns.name.replace('-', '_')}").main(ns.args)
 
 
 def main(argv: list[str] | None = None) -> int:
