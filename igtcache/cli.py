@@ -16,7 +16,7 @@ COMMANDS = {
     "unmount": ("igtcache.fuse.unmount", "unmount an igtcache mount, lazily if files are still open"),
     "serve": ("igtcache.daemon.serve", "run the node daemon: one cache shared by every job, on a Unix socket"),
     "stats": ("igtcache.stats_cmd", "what the daemon is doing: tiers, hit ratios, jobs, streams (--watch)"),
-    "cluster": ("igtcache.redis_cluster", "start, stop or check a local Redis Cluster for the cluster tier"),
+    "cluster": ("igtcache.redis_cluster", "a local Redis Cluster for the cluster tier: up, down, status"),
 }
 
 # ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)`` (``-`` in NAME read as ``_``).
