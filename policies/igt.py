@@ -331,7 +331,7 @@ class IGT(Policy):
         blk = self._blocks.get(key)
         seen = self._history.get(key) if blk is None else None
         stream = blk.stream if blk is not None else seen.owner if seen is not None else None
-        return stream is None or not (stream.label is Pattern.SEQUENTIAL and stream.high <= 0.0)
+        return stream is None or not (stream.label is Pattern.SEQUENTIAL and stream.value <= 0.0)
 
     def violations(self) -> list[str]:
         out = super().violations()

@@ -158,9 +158,6 @@ def test_igt_keeps_one_pass_scans_of_short_files_off_the_cluster_tier():
     assert _publishing(rows, "igt", publish="everything")["published"] == 64
 
 
-@pytest.mark.xfail(strict=True, reason="IGT.worth_sharing asks stream.high <= 0, but high = (count + margin + 1) "
-                                       "* scale is > 0 once a stream has an estimate: from a scan's ~13th block "
-                                       "on, every block is published")
 def test_igt_keeps_a_long_one_pass_scan_off_the_cluster_tier():
     rows = by_time(scan(0, 0.0, "raw/part-0.bin", 256 * BLOCK), scan(1, 0.005, "raw/part-1.bin", 256 * BLOCK))
     assert _publishing(rows, "lru")["published"] == 512
