@@ -30,6 +30,7 @@ BENCHMARKS = {
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
     "replay-cluster": "replay a cluster trace: a policy per node, a shared cluster tier (Redis LRU/LFU), one remote",
     "e2e": "job completion time of a scenario's concurrent jobs reading from S3 via a shaping proxy, per contender",
+    "cluster": "N node daemons sharing a Redis Cluster over one S3 link: remote bytes and makespan vs node-local",
     "soak": "fault soak: every reader kind under seeded daemon, S3, disk and LMDB faults; wrong bytes, stalls, recovery",
 }
 
