@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import fcntl
 import itertools
 import logging
+import math
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -36,7 +39,7 @@ from igtcache.disk_tier import DiskFull, DiskTier
 from igtcache.fetch_sources import ClusterSource, Fetched, RemoteSource
 from igtcache.jobs import resolve_job
 from igtcache.memory_tier import MemoryTier
-from igtcache.meta_table import MetaTable, parent
+from igtcache.meta_table import DEFAULT_UNPINNED, MetaTable, parent
 from igtcache.policies import BlockKey, Policy, make_policy
 from igtcache.read_driver import Fetch, ReadDriver, ReadPlan
 from igtcache.remote import ObjectInfo, Remote, VersionChanged, check_range, normalize_path
@@ -86,8 +89,15 @@ class Cache:
     several deployments on one Redis apart.
     ``trace_path`` records every read and explicit prefetch as a trace CSV
     (``igtcache bench replay`` reads it), so a live run can be replayed
-    against other policies. ``clock`` (wall-clock seconds, default
-    ``time.time``) times TTLs and accesses; tests inject their own.
+    against other policies. ``clock`` (seconds, default ``time.monotonic``, so
+    a stepped wall clock cannot stretch a TTL) times TTLs and accesses; tests
+    inject their own. Metadata kept on disk is due for revalidation at its
+    first use after a restart: its age cannot be told across processes.
+    Memory stays bounded however many objects pass: the memory tier counts a
+    per-block overhead against ``memory_bytes``, the metadata of objects with
+    no cached block is kept for at most ``meta_entries`` of them (least
+    recently used first out), and ``stats()`` lists at most ``stats_jobs``
+    jobs (the most active; the rest summed as ``"(other)"``).
     """
 
     STATS_STREAMS = 50  # most recently active streams listed by stats()
@@ -107,9 +117,11 @@ class Cache:
         retries: int = 3,
         timeout: float = 30.0,
         trace_path: str | os.PathLike | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         cluster: str | ClusterTier | None = None,
         cluster_prefix: str = "igtcache",
+        meta_entries: int = DEFAULT_UNPINNED,
+        stats_jobs: int = 1000,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -133,12 +145,13 @@ class Cache:
         self.policy = make_policy(policy, capacity) if isinstance(policy, str) else policy
         if self.policy.capacity > capacity:
             raise ValueError(f"policy capacity {self.policy.capacity} exceeds the tier it governs ({capacity} bytes)")
-        self.memory = MemoryTier(memory_bytes)
+        # Without a disk tier the policy governs memory: what the memory bound pushes out leaves the policy too.
+        self.memory = MemoryTier(memory_bytes, on_evict=self._pushed_out if self.disk is None else None)
         self.store = TieredStore(self.memory, self.disk, self._lock)
-        self.stats_counters = CacheStats()
+        self.stats_counters = CacheStats(stats_jobs)
         self.driver = ReadDriver(self.policy, block_size, self.stats_counters)
         self.source = self._source(cluster, cluster_prefix)
-        self._meta = MetaTable()
+        self._meta = MetaTable(meta_entries)
         self._listing: set[str] = set()  # directories being revalidated by a listing
         self._revalidator = concurrent.futures.ThreadPoolExecutor(1, "igtcache-revalidate")
         self._by_path: dict[str, set[BlockKey]] = {}
@@ -241,21 +254,29 @@ class Cache:
         return len(fetches)
 
     def stats(self) -> dict[str, Any]:
-        """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job, and the most
-        recently active access streams with their patterns."""
+        """Hits, misses, ratios, remote traffic, tiers, evictions, corruptions, per job (the
+        ``stats_jobs`` most active, the rest as ``"(other)"``), and the most recently active
+        access streams with their patterns.
+
+        The engine's lock is held only to copy the counters and read the tiers' sizes
+        and the streams; reads go on while the rest is built.
+        """
         with self._lock:
-            out = self.stats_counters.as_dict()
-            out["policy"] = getattr(self.policy, "name", type(self.policy).__name__)
-            out["block_size"] = self.block_size
-            out["tiers"] = {
+            counters = self.stats_counters.copy()
+            tiers = {
                 "memory": {"bytes": self.memory.bytes, "blocks": len(self.memory), "capacity": self.memory.capacity},
             }
             if self.disk is not None:
-                out["tiers"]["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
-            if isinstance(self.source, ClusterSource):
-                out["cluster"] = cluster_state(self.source.cluster.stats())
-            out["streams"] = self.driver.streams.streams(limit=self.STATS_STREAMS)
-            return out
+                tiers["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
+            streams = self.driver.streams.streams(limit=self.STATS_STREAMS)
+        out = counters.as_dict()
+        out["policy"] = getattr(self.policy, "name", type(self.policy).__name__)
+        out["block_size"] = self.block_size
+        out["tiers"] = tiers
+        if isinstance(self.source, ClusterSource):
+            out["cluster"] = cluster_state(self.source.cluster.stats())
+        out["streams"] = streams
+        return out
 
     def check_invariants(self) -> None:
         """Check that every account of residency agrees and every bound holds.
@@ -519,7 +540,7 @@ class Cache:
                     if evicted is not None:
                         self._forget_all(evicted, left_policy=True)
                         self.stats_counters.evictions += len(evicted)
-                        self._by_path.setdefault(key.path, set()).add(key)
+                        self._index(key)
                         self.store.place(key, data)
             finally:
                 future.set_result(data)
@@ -550,11 +571,31 @@ class Cache:
             self.driver.drop(keys)
         for key in keys:
             self.store.evict(key)
-            siblings = self._by_path.get(key.path)
-            if siblings is not None:
-                siblings.discard(key)
-                if not siblings:
-                    del self._by_path[key.path]
+            self._unindex(key)
+
+    def _pushed_out(self, keys: list[BlockKey]) -> None:
+        """Without a disk tier: blocks the memory tier's bound pushed out leave the policy
+        and the indexes too, so that both keep the same blocks (lock held)."""
+        self.driver.drop(keys)
+        for key in keys:
+            self._unindex(key)
+        self.stats_counters.evictions += len(keys)
+
+    def _index(self, key: BlockKey) -> None:
+        """A block became resident: index it by path; its object's metadata stays while it has blocks."""
+        siblings = self._by_path.get(key.path)
+        if siblings is None:
+            siblings = self._by_path[key.path] = set()
+            self._meta.pin(key.path)
+        siblings.add(key)
+
+    def _unindex(self, key: BlockKey) -> None:
+        siblings = self._by_path.get(key.path)
+        if siblings is not None:
+            siblings.discard(key)
+            if not siblings:
+                del self._by_path[key.path]
+                self._meta.unpin(key.path)
 
     def _source(self, cluster: str | ClusterTier | None, prefix: str) -> RemoteSource | ClusterSource:
         """The fetch backend: the remote, behind the cluster tier where one is configured."""
@@ -572,16 +613,18 @@ class Cache:
             return self.policy.worth_sharing(key)
 
     def _restore_from_disk(self) -> None:
-        """Re-admit the blocks the disk tier kept across a restart, oldest first."""
-        self._meta.update(self.disk.load_meta().values())
+        """Re-admit the blocks the disk tier kept across a restart, oldest first, then their
+        metadata, due for revalidation at first use: how long ago another process stat'ed
+        an object cannot be told on this process's clock (nor trusted on the wall clock)."""
         surplus: list[BlockKey] = []
         for key, size in self.disk.entries():
             evicted = self.driver.residency.admit(key, size) or []
             surplus.extend(evicted)
             self._forget_all(evicted, left_policy=True)
             if key in self.policy:
-                self._by_path.setdefault(key.path, set()).add(key)
+                self._index(key)
         self._delete_from_disk(surplus)
+        self._meta.update(dataclasses.replace(info, fetched_at=-math.inf) for info in self.disk.load_meta().values())
 
     def _warn_disk_full(self, exc: OSError) -> None:
         with self._lock:
@@ -616,17 +659,36 @@ def cluster_state(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lock_directory(directory: Path):
-    """Hold an exclusive lock on the cache directory for this process's lifetime."""
+    """Hold an exclusive lock on the cache directory for this process's lifetime.
+
+    The lock file is opened without following a link and truncated only once
+    locked; it must be a regular file of this user with one name, else
+    ``PermissionError``: a link (or hard link) planted there would otherwise
+    have this process -- root, for a daemon -- write its pid into its target.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / "lock", "a+")
+    path = directory / "lock"
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermissionError(f"lock file {path} is a symbolic link; refusing to follow it") from None
+        raise
+    handle = os.fdopen(fd, "r+")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise PermissionError(
+                f"lock file {path} must be a regular file owned by uid {os.geteuid()} with one name; it is "
+                f"{stat.filemode(st.st_mode)}, uid {st.st_uid}, {st.st_nlink} names. Remove it to use this directory")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
         raise CacheDirInUse(f"cache directory {directory} is in use by another process (pid {owner})") from None
-    handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()

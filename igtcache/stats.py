@@ -6,8 +6,11 @@ live cache and the trace replay alike, so both report the same figures.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import copy
 from dataclasses import asdict, dataclass, fields
+
+#: The per-job entry that the counts of jobs past ``max_jobs`` are folded into.
+OTHER = "(other)"
 
 
 @dataclass
@@ -46,22 +49,48 @@ class ReadCounters:
 
 
 class JobCounters:
-    """:class:`ReadCounters` per job and in total; ``count(job, field, n)`` adds to both."""
+    """:class:`ReadCounters` per job and in total; ``count(job, field, n)`` adds to both.
 
-    def __init__(self) -> None:
+    Bounded: once ``2 * max_jobs`` jobs are counted, all but the ``max_jobs``
+    with the most reads are folded into one entry, ``"(other)"`` (a folded job
+    seen again starts a new entry); :meth:`ranked` folds down to ``max_jobs``
+    for reporting. The total is always exact.
+    """
+
+    def __init__(self, max_jobs: int = 1000) -> None:
+        if max_jobs < 1:
+            raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
+        self.max_jobs = max_jobs
         self.total = ReadCounters()
-        self.jobs: dict[str, ReadCounters] = defaultdict(ReadCounters)
+        self.jobs: dict[str, ReadCounters] = {}
 
     def count(self, job: str, field: str, n: int = 1) -> None:
-        for counters in (self.total, self.jobs[job]):
-            setattr(counters, field, getattr(counters, field) + n)
+        counters = self.jobs.get(job)
+        if counters is None:
+            if len(self.jobs) >= 2 * self.max_jobs:
+                self.jobs = self.ranked()
+            counters = self.jobs.setdefault(job, ReadCounters())
+        setattr(counters, field, getattr(counters, field) + n)
+        setattr(self.total, field, getattr(self.total, field) + n)
+
+    def ranked(self) -> dict[str, ReadCounters]:
+        """The jobs, with all but the ``max_jobs`` with the most reads folded into ``"(other)"``
+        (as they are, in the order first counted, when there are no more than that)."""
+        jobs = {job: c for job, c in self.jobs.items() if job != OTHER}
+        if len(jobs) <= self.max_jobs:
+            return dict(self.jobs)
+        ranked = sorted(jobs.items(), key=lambda item: item[1].reads, reverse=True)
+        other = copy.copy(self.jobs.get(OTHER, ReadCounters()))
+        for _job, counters in ranked[self.max_jobs:]:
+            other.add(counters)
+        return {**dict(ranked[:self.max_jobs]), OTHER: other}
 
 
 class CacheStats(JobCounters):
     """Everything ``Cache.stats()`` reports that is not read off the tiers."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_jobs: int = 1000) -> None:
+        super().__init__(max_jobs)
         self.remote_seconds = 0.0  # summed from issue to arrival, fetches overlapping
         self.evictions = 0
         self.corruptions = 0
@@ -69,6 +98,13 @@ class CacheStats(JobCounters):
         self.disk_write_errors = 0
         self.remote_errors = 0
         self.version_changes = 0
+
+    def copy(self) -> "CacheStats":
+        """A copy that later counts do not change: taken under the engine's lock, formatted outside it."""
+        out = copy.copy(self)
+        out.total = copy.copy(self.total)
+        out.jobs = {job: copy.copy(counters) for job, counters in self.jobs.items()}
+        return out
 
     def as_dict(self) -> dict:
         total = self.total.as_dict()
@@ -88,6 +124,6 @@ class CacheStats(JobCounters):
                 "late": self.total.prefetch_late,
                 "wasted_bytes": self.total.prefetch_wasted_bytes,
             },
-            jobs={job: c.as_dict() for job, c in self.jobs.items()},
+            jobs={job: c.as_dict() for job, c in self.ranked().items()},
         )
         return out
