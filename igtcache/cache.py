@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import math
 import os
@@ -434,11 +435,38 @@ class Cache:
             cached = self._meta.get(path)
         if cached and not refresh and self._clock() - cached.fetched_at < self.ttl:
             return cached
-        info = dataclasses.replace(self.remote.info(path), fetched_at=self._clock())
+        info = None if refresh else self._shared_info(path)
+        if info is None:
+            info = dataclasses.replace(self.remote.info(path), fetched_at=self._clock())
+            self._share_info(info)
         self._validated(info, cached)
         if cached is not None:
             self._revalidate_directory_soon(parent(path))
         return info
+
+    def _shared_info(self, path: str) -> ObjectInfo | None:
+        """Another node's stat of ``path`` from the cluster tier, if one is younger than the TTL.
+
+        It stands for a stat of our own: every byte is still fetched pinned to
+        its version, and it is never older than a stat of ours could be.
+        """
+        if not isinstance(self.source, ClusterSource):
+            return None
+        found = self.source.cluster.fetch_meta(path).result()
+        if found is None:
+            return None
+        payload, age = found
+        try:
+            shared = json.loads(payload)
+            info = ObjectInfo(path, int(shared["size"]), str(shared["version"]), self._clock() - age)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return info if age < self.ttl else None
+
+    def _share_info(self, info: ObjectInfo) -> None:
+        if isinstance(self.source, ClusterSource):
+            payload = json.dumps({"size": info.size, "version": info.version}).encode()
+            self.source.cluster.publish_meta(info.path, payload, self.ttl)
 
     def _validated(self, info: ObjectInfo, cached: ObjectInfo | None) -> None:
         """Keep ``info``, just read from the remote; drop ``cached``'s blocks if the object changed."""

@@ -8,7 +8,9 @@ block's lease is its key plus ``:lease``.
 
 Values: a 24-byte header -- magic ``IGTB``, format 1, three zero bytes, the
 data's length and its xxh3-64, both little-endian 64-bit -- then the data.
-A value is served only if every header field checks out.
+A value is served only if every header field checks out. An object's shared
+metadata (``PREFIX:REMOTE:BLOCKSIZE:meta:PATH``) is a value of the same layout
+holding JSON, stored with an expiry of the publishing node's TTL.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class KeySpace:
 
     def lease(self, key: BlockKey) -> str:
         return self.block(key) + ":lease"
+
+    def meta(self, path: str) -> str:
+        """An object's shared metadata (its last stat by any node)."""
+        return f"{self._base}:meta:{_digest(path)}"
 
 
 def encode(data: bytes | memoryview) -> bytes:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import threading
 import uuid
@@ -171,6 +172,16 @@ class ClusterTier:
             return False
         return True
 
+    def fetch_meta(self, path: str) -> concurrent.futures.Future:
+        """A future of ``(payload, age_s)``: the metadata another node published for ``path``
+        and how long ago, or of ``None`` (none, expired, damaged, or the cluster unavailable)."""
+        return self._submit(self._fetch_meta(path), None)
+
+    def publish_meta(self, path: str, payload: bytes, ttl: float) -> concurrent.futures.Future:
+        """Store ``payload`` as ``path``'s shared metadata for ``ttl`` seconds; a future of
+        whether it was stored. Small values go straight out, not through the block queue."""
+        return self._submit(self._publish_meta(path, payload, ttl), False)
+
     def lease(self, key: BlockKey) -> concurrent.futures.Future:
         """A future of ``True`` when the caller should fetch the block from the remote itself: it
         now holds the cluster-wide lease (for ``lease_ms``), or the cluster could not be asked.
@@ -217,7 +228,7 @@ class ClusterTier:
             queued = self._queued_bytes
         names = ("hits", "misses", "errors", "timeouts", "corrupt", "mismatched", "circuit_skips", "busy",
                  "published", "publish_bytes", "publish_dropped", "publish_failed", "leases", "lease_denied",
-                 "waits_served", "waits_missed")
+                 "waits_served", "waits_missed", "meta_hits", "meta_published")
         out: dict[str, Any] = {name: counts.get(name, 0) for name in names}
         breakers = dict(self._breakers)
         out["publish_queue_bytes"] = queued
@@ -455,6 +466,33 @@ class ClusterTier:
         data = self._verified(rkey, value, length)
         self._count("hits" if data is not None else "misses")
         return data
+
+    async def _fetch_meta(self, path: str) -> tuple[bytes, float] | None:
+        mkey = self._keys.meta(path)
+        value = await self._command(mkey, lambda c: c.get(mkey), self.timeout)
+        if value is None:
+            return None
+        payload = decode(value)
+        if payload is None:
+            self._count("corrupt")
+            await self._command(mkey, lambda c: c.delete(mkey), self.timeout)
+            return None
+        stored = json.loads(payload)
+        left_ms = await self._command(mkey, lambda c: c.pttl(mkey), self.timeout)
+        if not isinstance(left_ms, int) or left_ms <= 0:
+            return None  # expired meanwhile, or stored without an expiry by someone else
+        self._count("meta_hits")
+        return stored["payload"].encode(), max(0.0, stored["ttl_ms"] - left_ms) / 1000
+
+    async def _publish_meta(self, path: str, payload: bytes, ttl: float) -> bool:
+        ttl_ms = int(ttl * 1000)
+        if ttl_ms <= 0:
+            return False
+        mkey = self._keys.meta(path)
+        value = encode(json.dumps({"payload": payload.decode(), "ttl_ms": ttl_ms}).encode())
+        await self._command(mkey, lambda c: c.set(mkey, value, px=ttl_ms), self.publish_timeout)
+        self._count("meta_published")
+        return True
 
     # ---- publishing (on the loop) ----
 

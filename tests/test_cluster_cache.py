@@ -16,7 +16,6 @@ from igtcache import Cache
 from igtcache.cluster_tier import ClusterTier
 from igtcache.redis_cluster import RedisClusterProcess
 
-from .helpers import ManualClock
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 256 * KiB
@@ -101,12 +100,12 @@ def test_a_changed_object_is_never_served_from_the_cluster_after_its_ttl(cluster
     fs, prefix = s3
     old, new = b"a" * (2 * BLOCK), b"b" * (2 * BLOCK)
     fs.pipe(f"{prefix}/obj", old)
-    clock = ManualClock()
-    with _node(s3_server, prefix, cluster.url, ttl=30, clock=clock) as first:
+    # Real time: the metadata a node shares expires on Redis's clock, with the node's TTL.
+    with _node(s3_server, prefix, cluster.url, ttl=1.0) as first:
         assert first.read("obj") == old
         _published(first)
         fs.pipe(f"{prefix}/obj", new)
-        clock.advance(31)
+        time.sleep(1.2)
         assert first.read("obj") == new
         assert first.stats()["cluster_bytes"] == 0
     with _node(s3_server, prefix, cluster.url) as second:
@@ -305,3 +304,25 @@ def test_two_node_daemons_share_blocks_through_the_cluster_tier(cluster, s3_serv
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_stat_one_node_made_is_shared_with_the_others_within_its_ttl(cluster, s3_server, s3):
+    fs, prefix = s3
+    data = random.Random(6).randbytes(BLOCK + 9)
+    fs.pipe(f"{prefix}/obj", data)
+    with _node(s3_server, prefix, cluster.url, ttl=60) as first, _node(s3_server, prefix, cluster.url, ttl=60) as second:
+        assert first.read("obj") == data
+        _published(first)
+        stats_made = []
+        real_info = second.remote.info
+        second.remote.info = lambda path: (stats_made.append(path), real_info(path))[1]
+        assert second.read("obj") == data
+        assert stats_made == []  # the first node's stat stood for the second's
+        assert second.stats()["cluster"]["meta_hits"] == 1
+        assert second.info("obj")["version"] == first.info("obj")["version"]
+    with _node(s3_server, prefix, cluster.url, ttl=60, cluster_prefix="elsewhere") as other:
+        stats_made = []
+        real_info = other.remote.info
+        other.remote.info = lambda path: (stats_made.append(path), real_info(path))[1]
+        assert other.read("obj") == data
+        assert stats_made == ["obj"]  # another deployment's metadata is never used
