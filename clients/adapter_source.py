@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DAEMON_PREFIX = "igtcache::"
 
 
+@runtime_checkable
 class AdapterSource(Protocol):
     """Reads whole files below the place adapters live."""
 
@@ -51,6 +52,28 @@ class DirectorySource:
         pass
 
 
+class FsspecSource:
+    """Adapters under ``root`` of an fsspec filesystem, read straight from it (no cache)."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs, self.root = fs, root.rstrip("/")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.description = f"{protocol}://{self.root}"
+
+    @classmethod
+    def from_url(cls, url: str, storage_options: dict | None = None) -> "FsspecSource":
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return cls(fs, root)
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(f"{self.root}/{path}")
+
+    def close(self) -> None:
+        pass
+
+
 class CacheSource:
     """Adapters read through an ``igtcache.Cache`` or anything with its ``info``/``read`` (the daemon
     client), below ``prefix`` inside it."""
@@ -75,10 +98,10 @@ class CacheSource:
 
 
 def open_source(source: Any, cache_options: dict | None = None) -> AdapterSource:
-    """The source for ``source``: a ``DirectorySource``/``CacheSource``, a Cache-like object,
+    """The source for ``source``: an ``AdapterSource`` (read, close, description), a Cache-like object,
     ``"igtcache::<url>"`` (the node daemon), another fsspec URL (an embedded ``igtcache.Cache``
     with ``cache_options``), or a local directory."""
-    if isinstance(source, (DirectorySource, CacheSource)):
+    if isinstance(source, AdapterSource):
         return source
     if hasattr(source, "read") and hasattr(source, "info"):
         return CacheSource(source)

@@ -31,12 +31,13 @@ import torch
 from igtcache.cuda import HostBuffer, Transfer
 
 
-def chain_hashes(token_ids: Sequence[int], block_tokens: int) -> list[bytes]:
-    """Keys of the full blocks of ``token_ids``: ``h[i] = H(h[i-1] || tokens of block i)``."""
+def chain_hashes(token_ids: Sequence[int], block_tokens: int, seed: bytes = b"") -> list[bytes]:
+    """Keys of the full blocks of ``token_ids``: ``h[i] = H(h[i-1] || tokens of block i)``, ``h[-1] = seed``
+    (the model's identity: KV computed by one base model never matches another's)."""
     tokens = np.asarray(token_ids, dtype=np.int64)
     if tokens.ndim != 1:
         raise ValueError("token_ids must be a flat sequence of integers")
-    keys, previous = [], b""
+    keys, previous = [], seed
     for i in range(len(tokens) // block_tokens):
         previous = hashlib.blake2b(previous + tokens[i * block_tokens:(i + 1) * block_tokens].tobytes(),
                                    digest_size=16).digest()

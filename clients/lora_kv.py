@@ -19,6 +19,7 @@ Typical request on an inference server::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -29,9 +30,9 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import torch
 
 from igtcache.clients import safetensors_file
-from igtcache.clients.adapter_source import CONFIG_FILE, WEIGHTS_FILE, check_name, open_source
+from igtcache.clients.adapter_source import CONFIG_FILE, WEIGHTS_FILE, AdapterSource, check_name, open_source
 from igtcache.clients.kv_tree import AdapterNode, DependencyTree, KVNode, Node, TensorSlot, chain_hashes
-from igtcache.clients.swapper import CostModel, device_victims, host_victims, prefetch_candidates
+from igtcache.clients.swapper import RANKINGS, device_victims, host_victims, prefetch_candidates
 from igtcache.cuda import HostBuffer, PinnedBlockPool, PoolFull
 
 GiB = 1 << 30
@@ -85,13 +86,47 @@ class PrefixMatch:
 
 
 @dataclass
-class _AdapterBytes:
-    """An adapter read and checked, not yet cached."""
+class AdapterBytes:
+    """An adapter read from its source and checked, not yet cached: its tensors packed at ``slots``."""
 
     config: dict
     slots: list[TensorSlot]
     pieces: list[memoryview]
-    nbytes: int
+    nbytes: int        # packed size
+    file_bytes: int    # bytes read from the source
+
+
+def read_adapter(source: AdapterSource, name: str) -> AdapterBytes:
+    """Read adapter ``name`` (PEFT layout) from ``source`` and check it: ``KeyError(name)`` if absent,
+    ``AdapterError`` naming the file and the fault if damaged."""
+    try:
+        raw_config = source.read(f"{name}/{CONFIG_FILE}")
+    except FileNotFoundError:
+        raise KeyError(name) from None
+    try:
+        weights = source.read(f"{name}/{WEIGHTS_FILE}")
+    except FileNotFoundError:
+        raise AdapterError(f"adapter {name!r} in {source.description} has no {WEIGHTS_FILE}") from None
+    try:
+        config = json.loads(raw_config)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not a JSON object")
+    try:
+        specs, body = safetensors_file.parse(weights, f"adapter {name!r} {WEIGHTS_FILE}")
+    except safetensors_file.SafetensorsError as exc:
+        raise AdapterError(str(exc)) from None
+    slots, offset = [], 0
+    for spec in specs:
+        slots.append(TensorSlot(name=spec.name, dtype=spec.dtype, shape=spec.shape, offset=offset, nbytes=spec.nbytes))
+        offset += -(-spec.nbytes // _ALIGN) * _ALIGN
+    return AdapterBytes(config, slots, [body[s.start:s.end] for s in specs], offset, len(raw_config) + len(weights))
+
+
+def adapter_tensors(flat: torch.Tensor, slots: Sequence[TensorSlot]) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter packed in the byte tensor ``flat``, as views."""
+    return {s.name: _view(flat[s.offset:s.offset + s.nbytes], s.dtype, s.shape) for s in slots}
 
 
 class LoraKVCache:
@@ -106,12 +141,18 @@ class LoraKVCache:
 
     Cost model: ``window`` (seconds, the time constant of usage estimates),
     ``prefill_token_s`` (the time to recompute one token's KV), ``bandwidth``
-    (fixed bytes/s for ``h2d``, ``d2h``, ``source``; measured where absent).
+    (fixed bytes/s for ``h2d``, ``d2h``, ``source``; measured where absent);
+    ``ranking="lru"`` replaces its values with recency (an ablation).
     Every ``swap_interval`` seconds a pass swaps out the least valuable leaves
     when less than ``headroom`` of HBM is free, or prefetches the most probable
     host-resident subtrees (used with at least ``prefetch_min_probability``)
     into the free part beyond ``headroom``, or in place of device leaves worth
     less per byte. ``clock`` gives the time.
+
+    ``model_id`` names the base model whose KV this cache holds (any string
+    that differs between models, e.g. ``lora_serving.model_fingerprint``): it
+    seeds every block's key, so KV never matches across base models, and a
+    serving loop can refuse a cache made for another model.
     """
 
     def __init__(
@@ -131,7 +172,11 @@ class LoraKVCache:
         host_block_bytes: int = 64 << 10,
         clock: Callable[[], float] = time.monotonic,
         cache_options: dict | None = None,
+        model_id: str = "",
+        ranking: str = "cost",
     ) -> None:
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {sorted(RANKINGS)}, got {ranking!r}")
         if hbm_bytes <= 0 or host_bytes < 0 or block_tokens <= 0:
             raise ValueError("hbm_bytes and block_tokens must be > 0 and host_bytes >= 0")
         if not 0 <= headroom < 1:
@@ -154,7 +199,9 @@ class LoraKVCache:
         self.clock = clock
         self._source_rate = [0.0, 0.0]
         self.tree = DependencyTree()
-        self.model = CostModel(window=window, block_tokens=block_tokens, prefill_token_s=prefill_token_s,
+        self.model_id = model_id
+        self._seed = hashlib.blake2b(model_id.encode(), digest_size=16).digest() if model_id else b""
+        self.model = RANKINGS[ranking](window=window, block_tokens=block_tokens, prefill_token_s=prefill_token_s,
                                bandwidth=self._bandwidth)
         self.counters: dict[str, int] = dict.fromkeys([
             "requests", "adapter_hits_device", "adapter_hits_host", "adapter_loads_source",
@@ -195,8 +242,7 @@ class LoraKVCache:
             self.model.use(node, now)
             self._maybe_rebalance(now)
             self.pool.hand_over(node.dev, node.ready)
-            tensors = {s.name: _view(node.dev[s.offset:s.offset + s.nbytes], s.dtype, s.shape) for s in node.slots}
-            return Adapter(name, node.config, tensors, node)
+            return Adapter(name, node.config, adapter_tensors(node.dev, node.slots), node)
 
     def match_prefix(self, adapter: str, token_ids: Sequence[int]) -> PrefixMatch:
         """How many leading tokens have cached KV for ``adapter``, with their blocks on the device.
@@ -207,7 +253,7 @@ class LoraKVCache:
         """
         check_name(adapter)
         self._check_open()
-        keys = chain_hashes(token_ids, self.block_tokens)
+        keys = chain_hashes(token_ids, self.block_tokens, self._seed)
         with self._lock:
             now = self.clock()
             self.counters["kv_query_tokens"] += len(token_ids)
@@ -258,7 +304,7 @@ class LoraKVCache:
         """
         check_name(adapter)
         self._check_open()
-        keys = chain_hashes(token_ids, self.block_tokens)
+        keys = chain_hashes(token_ids, self.block_tokens, self._seed)
         if not len(keys) <= len(blocks) <= -(-len(token_ids) // self.block_tokens):
             raise ValueError(f"{len(token_ids)} tokens make {len(keys)} full blocks of {self.block_tokens}; "
                              f"got {len(blocks)} KV blocks")
@@ -343,39 +389,18 @@ class LoraKVCache:
 
     # ------------------------------------------------------------------ adapters
 
-    def _read_adapter(self, name: str) -> _AdapterBytes:
+    def _read_adapter(self, name: str) -> AdapterBytes:
         """Read and check an adapter from the source; nothing is cached yet."""
         started = time.perf_counter()
-        try:
-            raw_config = self.source.read(f"{name}/{CONFIG_FILE}")
-        except FileNotFoundError:
-            raise KeyError(name) from None
-        try:
-            weights = self.source.read(f"{name}/{WEIGHTS_FILE}")
-        except FileNotFoundError:
-            raise AdapterError(f"adapter {name!r} in {self.source.description} has no {WEIGHTS_FILE}") from None
-        self._record_source(len(raw_config) + len(weights), time.perf_counter() - started)
-        try:
-            config = json.loads(raw_config)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not a JSON object")
-        try:
-            specs, body = safetensors_file.parse(weights, f"adapter {name!r} {WEIGHTS_FILE}")
-        except safetensors_file.SafetensorsError as exc:
-            raise AdapterError(str(exc)) from None
-        slots, offset = [], 0
-        for spec in specs:
-            slots.append(TensorSlot(name=spec.name, dtype=spec.dtype, shape=spec.shape, offset=offset, nbytes=spec.nbytes))
-            offset += -(-spec.nbytes // _ALIGN) * _ALIGN
-        nbytes = offset
+        loaded = read_adapter(self.source, name)
+        self._record_source(loaded.file_bytes, time.perf_counter() - started)
         for pool, capacity in (("HBM", self.hbm_bytes), ("host", self.pool.capacity)):
-            if nbytes > capacity:
-                raise ValueError(f"adapter {name!r} needs {nbytes} bytes, more than the whole {pool} pool ({capacity} bytes)")
-        return _AdapterBytes(config, slots, [body[s.start:s.end] for s in specs], nbytes)
+            if loaded.nbytes > capacity:
+                raise ValueError(f"adapter {name!r} needs {loaded.nbytes} bytes, more than the whole {pool} pool "
+                                 f"({capacity} bytes)")
+        return loaded
 
-    def _adapter_with_bytes(self, name: str, loaded: _AdapterBytes | None) -> AdapterNode:
+    def _adapter_with_bytes(self, name: str, loaded: AdapterBytes | None) -> AdapterNode:
         """The adapter's node with a copy on the device or in the host pool, reading it if needed."""
         node = self.tree.adapters.get(name)
         if node is not None and (node.dev is not None or node.host is not None):

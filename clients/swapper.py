@@ -82,6 +82,20 @@ class CostModel:
         return self.probability(node, now) * restore / size
 
 
+class RecencyModel(CostModel):
+    """Least recently used first in both pools, in place of the cost model's values (an ablation): a node's
+    value is the time of its last use. Prefetch still follows the usage probabilities."""
+
+    def device_value(self, node: Node, now: float, on_path: bool = False) -> float:
+        return node.used_at
+
+    def host_value(self, node: Node, now: float) -> float:
+        return node.used_at
+
+
+RANKINGS = {"cost": CostModel, "lru": RecencyModel}
+
+
 def device_victims(tree: DependencyTree, model: CostModel, now: float, keep: Collection[Node] = (),
                    on_path: bool = False) -> Iterator[Node]:
     """Device leaves outside ``keep``, lowest value first; a parent joins once its last device child has left."""

@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": ("igtcache.daemon.serve", "run the node daemon: one cache shared by every job, on a Unix socket"),
     "stats": ("igtcache.stats_cmd", "what the daemon is doing: tiers, hit ratios, jobs, streams (--watch)"),
     "cluster": ("igtcache.redis_cluster", "a local Redis Cluster for the cluster tier: up, down, status"),
+    "lora": ("igtcache.clients.materialize", "LoRA adapters for inference engines: materialize NAME DIR"),
 }
 
 # ``igtcache bench NAME ...`` runs ``igtcache.bench.NAME.main(args)`` (``-`` in NAME read as ``_``).
@@ -26,6 +27,8 @@ BENCHMARKS = {
     "daemon": "hit path and miss latency of the igtcache:: fsspec plugin, attached and embedded, vs local file and s3fs",
     "fuse": "sequential 1 MiB and random 4 KiB reads through the FUSE mount on cached data, next to a local file",
     "lora": "multi-LoRA serving: dependency tree + cost model vs vLLM- and S-LoRA-style pools (KV hit, TTFT)",
+    "serve": "a real tiny Llama serving PEFT adapters from S3: TTFT of LoraKVCache vs vLLM-/S-LoRA-style, logits checked",
+    "gpu": "on a CUDA device: pinned pool copies vs bare pinned copy_, the CUDA tests, the serving benchmark",
     "gen": "write an AI-cluster access trace (CSV) for a scenario: preprocess, imagefolder, shards, ... mix",
     "replay": "replay a trace through the policies (the live cache's code) over a simulated remote",
     "replay-cluster": "replay a cluster trace: a policy per node, a shared cluster tier (Redis LRU/LFU), one remote",
