@@ -23,7 +23,9 @@ from igtcache.clients.adapter_source import DirectorySource  # noqa: E402
 from igtcache.clients.kv_blocks import from_blocks, to_blocks  # noqa: E402
 from igtcache.clients.lora_apply import LoraLayers, UnsupportedAdapter  # noqa: E402
 from igtcache.clients.lora_kv import LoraKVCache  # noqa: E402
-from igtcache.clients.lora_serving import LoraServer, Replay, Request, Timeline, model_fingerprint  # noqa: E402
+from igtcache.clients.lora_serving import (  # noqa: E402
+    LoraServer, Replay, Request, Timeline, WallClock, model_fingerprint,
+)
 from igtcache.clients.prefix_attention import prefix_causal_attention  # noqa: E402
 
 SPEC = ModelSpec(vocab=256, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, max_positions=1024)
@@ -231,6 +233,13 @@ def test_the_timeline_skips_idle_time_counts_queueing_and_stops_while_paused():
     assert clock() == paused_at
     clock.resume()
     assert clock() - paused_at < 0.01
+
+
+def test_the_wall_clock_sleeps_until_each_arrival():
+    clock = WallClock()
+    requests = [Request(t, "a", i, 0, np.zeros(1, dtype=np.int64)) for i, t in enumerate([0.0, 0.001, 0.1])]
+    served = Replay(_SleepyServer(clock, 0.02)).run(requests)
+    assert served[1].queued >= 0.015 and served[2].result.started >= 0.1 and served[2].queued < 0.01
 
 
 @pytest.mark.parametrize("kind", sorted(WORKLOADS))
