@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from igtcache.bench.files import jittered_files
+
 KiB, MiB = 1 << 10, 1 << 20
 JOBS = ("train", "infer")
 ZIPF_EXPONENT = 1.1
@@ -52,14 +54,8 @@ def workload(scale: str, nodes: int, seed: int = 0) -> ClusterWorkload:
     rng = np.random.default_rng(seed)
     sizes: dict[str, int] = {}
 
-    def files(prefix: str, count: int, size: int) -> list[str]:
-        keys = [f"{prefix}/{i:05d}.bin" for i in range(count)]
-        for key in keys:
-            sizes[key] = size - 1 - int(rng.integers(0, size // 16))
-        return keys
-
-    train = files("train", p["train_files"], p["train_size"])
-    adapters = files("adapters", p["adapters"], p["adapter_size"])
+    train = jittered_files(rng, sizes, "train", p["train_files"], p["train_size"])
+    adapters = jittered_files(rng, sizes, "adapters", p["adapters"], p["adapter_size"])
     orders = [rng.permutation(len(train)) for _ in range(p["epochs"])]
     weights = 1.0 / np.arange(1, len(adapters) + 1) ** ZIPF_EXPONENT
     per_node = []

@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from igtcache.bench.e2e_jobs import CONTENDERS, FUSE_JOB, JobSpec, run_job
+from igtcache.bench.files import jittered_files
 from igtcache.bench.replay import replay
 from igtcache.bench.shaping_proxy import DEFAULT_BANDWIDTH_BPS, DEFAULT_LATENCY_S, ShapingProxy
 from igtcache.bench.trace import load_trace
@@ -85,15 +86,9 @@ def mix(scale: str, seed: int = 0) -> Scenario:
     rng = np.random.default_rng(seed)
     sizes: dict[str, int] = {}
 
-    def files(prefix: str, count: int, size: int) -> list[str]:
-        keys = [f"{prefix}/{i:05d}.bin" for i in range(count)]
-        for key in keys:
-            sizes[key] = size - 1 - int(rng.integers(0, size // 16))
-        return keys
-
-    train = files("train", p["train_files"], p["train_size"])
-    hot = files("adapters", p["hot_files"], p["hot_size"])
-    scan = files("raw", p["scan_files"], p["scan_size"])
+    train = jittered_files(rng, sizes, "train", p["train_files"], p["train_size"])
+    hot = jittered_files(rng, sizes, "adapters", p["hot_files"], p["hot_size"])
+    scan = jittered_files(rng, sizes, "raw", p["scan_files"], p["scan_size"])
     weights = 1.0 / np.arange(1, len(hot) + 1) ** 1.1
     picks = rng.choice(len(hot), size=p["hot_reads"], p=weights / weights.sum())
     jobs = {

@@ -89,3 +89,17 @@ class IndexedMemoryFileSystem(fsspec.get_filesystem_class("memory")):
         if found is None:
             return super().info(path, **kwargs)
         return {"name": stripped, "size": found.size, "type": "file", "created": getattr(found, "created", None)}
+
+
+def need_redis() -> None:
+    """Skip a test that needs redis-server where it is not installed; on CI, where
+    `make setup` installs it, its absence is a failure."""
+    import os
+    import shutil
+
+    import pytest
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing on CI (make setup installs it)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server; `make setup` does it as root)")

@@ -7,8 +7,6 @@ cluster tier must cut what the nodes fetch from S3.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -17,15 +15,14 @@ import pytest
 from igtcache.bench.cluster import CONTENDERS, RATIO_FIELDS
 from igtcache.bench.cluster_jobs import JOBS, workload
 
+from .helpers import need_redis
+
 NODES = 4
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing on CI (make setup installs it)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    need_redis()
     plot = tmp_path_factory.mktemp("plot") / "cluster.png"
     out = subprocess.run(
         [sys.executable, "-m", "igtcache.cli", "bench", "cluster", "--scale", "tiny", "--nodes", str(NODES),

@@ -29,18 +29,15 @@ from igtcache.policies import BlockKey
 from igtcache.redis_cluster import ClusterTLS, RedisClusterError, RedisClusterProcess, free_cluster_ports
 from igtcache.redis_cluster import main as cluster_command
 
+from .helpers import need_redis
+
 MiB = 1 << 20
 B = 1 * MiB
 
 
-def _need_redis() -> None:
-    if shutil.which("redis-server") is None and os.environ.get("CI") != "true":
-        pytest.skip("redis-server is not installed (apt-get install redis-server; `make setup` does it as root)")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    _need_redis()
+    need_redis()
     with RedisClusterProcess(tmp_path_factory.mktemp("redis"), maxmemory=128 * MiB) as cluster:
         yield cluster
 
@@ -355,7 +352,7 @@ def _node_keys(tier: ClusterTier, raw, count: int = 24) -> dict[str, list[tuple[
 
 
 def test_node_hang_and_crash_open_its_circuit_others_keep_serving(tmp_path):
-    _need_redis()
+    need_redis()
     timeout, cooldown = 0.25, 1.0
     with RedisClusterProcess(tmp_path, maxmemory=64 * MiB) as cluster, \
             redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as raw, \
@@ -447,7 +444,7 @@ def _tls_files(directory) -> ClusterTLS:
 
 
 def test_tls_cluster(tmp_path):
-    _need_redis()
+    need_redis()
     tls = _tls_files(tmp_path)
     try:
         cluster = RedisClusterProcess(tmp_path / "redis", tls=tls, maxmemory=64 * MiB).start()
@@ -472,7 +469,7 @@ def test_tls_cluster(tmp_path):
 
 def test_cluster_command_up_status_down(tmp_path, monkeypatch, capsys):
     """``up`` runs as the command does (its nodes outlive it); the rest in-process, for time."""
-    _need_redis()
+    need_redis()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # where the default --dir goes
 
     def run(*args):
