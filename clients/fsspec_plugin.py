@@ -6,14 +6,17 @@ Chained like fsspec's own caches::
     fs = fsspec.filesystem("igtcache", target_protocol="s3", target_options={...})
 
 Each path goes to the daemon when one answers on the socket (``socket=``,
-else ``$IGTCACHE_SOCKET``, else the default) and serves a remote whose
-protocol and root cover the path; every other path is read through an engine
-embedded in this process (one ``Cache`` per bucket or top-level directory,
-memory-only unless ``cache_dir`` is given). Whether a daemon answers is
-decided once per filesystem instance, at its first call (fsspec caches
-instances by their arguments: pass ``skip_instance_cache=True`` for a fresh
-look). ``mode="attach"`` refuses to run embedded, ``mode="embedded"`` never
-attaches.
+else ``$IGTCACHE_SOCKET``, else the default) and serves a remote whose root
+covers the path and that is this filesystem's own remote: the same
+``Remote.identity`` (protocol, root, S3 endpoint) and the same credentials'
+identity (``igtcache.remote_identity``). Every other path is read through an
+engine embedded in this process (one ``Cache`` per bucket or top-level
+directory, memory-only unless ``cache_dir`` is given), and the log says once,
+at INFO, which remotes attach and why the others do not. Whether a daemon
+answers is decided once per filesystem instance, at its first call (fsspec
+caches instances by their arguments: pass ``skip_instance_cache=True`` for a
+fresh look). ``mode="attach"`` refuses to run embedded, ``mode="embedded"``
+never attaches.
 
 Reads carry the job id (``job=``, else ``$IGTCACHE_JOB``, else the process
 id). Writes go to the target filesystem and then drop the object's cached
@@ -36,6 +39,8 @@ from fsspec.spec import AbstractBufferedFile
 from igtcache import Cache, CacheDirInUse
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon_client import DaemonClient, DaemonUnavailable
+from igtcache.remote import Remote
+from igtcache.remote_identity import credentials_identity, mismatch
 from igtcache.sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._pid = os.getpid()
         self._target_fs: fsspec.AbstractFileSystem | None = fs
         self._daemon: list[tuple[str, DaemonClient]] | None = None  # (root, client), longest root first
+        self._not_attached: list[str] = []  # why the daemon's remotes of this protocol are not this one
         self._engines: dict[str, Cache] = {}
         self._inherited: list[Cache] = []  # a parent's engines: never closed in a forked child
         weakref.finalize(self, _close_engines, self._engines, self._pid)
@@ -111,8 +117,9 @@ class IgtcacheFileSystem(ChainedFileSystem):
             if not root or key == root or key.startswith(root + "/"):
                 return client, key[len(root):].strip("/"), root
         if self.mode == "attach":
+            why = "".join(f"; {reason}" for reason in self._not_attached)
             raise DaemonUnavailable(f"no remote of the igtcache daemon at {self.socket} serves "
-                                    f"{self.target_protocol}://{path} (mode='attach')")
+                                    f"{self.target_protocol}://{path} (mode='attach'){why}")
         root = _top_level(path)
         return self._engine(root), path[len(root):].strip("/"), root
 
@@ -122,17 +129,35 @@ class IgtcacheFileSystem(ChainedFileSystem):
         if self._daemon is None:
             try:
                 client = DaemonClient(self.socket, job=self.job)
-            except DaemonUnavailable:
+            except DaemonUnavailable as exc:
                 if self.mode == "attach":
                     raise
-                log.info("no igtcache daemon at %s; reading through an embedded engine", self.socket)
+                log.info("%s; reading through an embedded engine", exc)
                 self._daemon = []
                 return self._daemon
-            served = [(r["root"], r["name"]) for r in client.remotes.values()
-                      if self._target_protocols & set(r["protocols"])]
-            self._daemon = sorted(((root, client.for_remote(name)) for root, name in served),
-                                  key=lambda item: -len(item[0]))
+            self._daemon = self._same_remotes(client)
         return self._daemon
+
+    def _same_remotes(self, client: DaemonClient) -> list[tuple[str, DaemonClient]]:
+        """``(root, client)`` for each of the daemon's remotes that is this filesystem's remote (same
+        identity and credentials), longest root first; the others of its protocol logged once, with why."""
+        target = self._target()
+        credentials = credentials_identity(target)
+        attached = []
+        for served in client.remotes.values():
+            if not self._target_protocols & set(served["protocols"]):
+                continue
+            identity = Remote(target, target.root_marker + served["root"]).identity
+            reason = mismatch(served, identity, credentials)
+            if reason is None:
+                log.info("reading %s through the igtcache daemon at %s (its remote %r)",
+                         identity, self.socket, served["name"])
+                attached.append((served["root"], client.for_remote(served["name"])))
+            else:
+                self._not_attached.append(f"remote {served['name']!r}: {reason}")
+                log.info("not reading %s through the igtcache daemon at %s: %s; an embedded engine reads it",
+                         identity, self.socket, reason)
+        return sorted(attached, key=lambda item: -len(item[0]))
 
     def _after_fork(self) -> None:
         """In a forked child: leave the parent's engines and target alone and build our own when needed.

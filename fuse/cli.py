@@ -159,7 +159,9 @@ def _daemon_client(args):
     ``--daemon`` must work or the mount fails. Without it, a daemon found at
     the default socket is used when it serves REMOTE (by name or URL); else
     the mount warns and runs the engine itself, as it does for ``--writable``
-    (the daemon takes no uploads)."""
+    (the daemon takes no uploads). A REMOTE given by URL with
+    ``--storage-options`` must also be the daemon's remote under those
+    options: the same endpoint and credentials (``igtcache.remote_identity``)."""
     if args.embedded or (args.writable and args.daemon is None):
         return None
     from igtcache.daemon.config import default_socket_path
@@ -175,12 +177,26 @@ def _daemon_client(args):
             client.close()
             served = ", ".join(f"{n}={r['url']}" for n, r in sorted(client.remotes.items()))
             raise MountError(f"the daemon at {socket_path} does not serve {args.remote} (it serves {served})")
+        if name != args.remote and args.storage_options is not None:
+            reason = _not_the_same(client.remotes[name], args.remote, args.storage_options)
+            if reason is not None:
+                client.close()
+                raise MountError(f"the daemon at {socket_path} serves {args.remote} as {name!r}, but {reason}")
         return client.for_remote(name)
     except (DaemonError, MountError) as exc:
         if args.daemon is not None:
             raise MountError(f"{exc}; mount with --embedded to run the cache in the mount process") from None
         log.warning("%s; running the cache in the mount process instead", exc)
         return None
+
+
+def _not_the_same(served: dict[str, Any], url: str, storage_options: dict) -> str | None:
+    """Why the daemon's remote ``served`` is not ``url`` under ``storage_options``; None if it is."""
+    from igtcache.remote import Remote
+    from igtcache.remote_identity import credentials_identity, mismatch
+
+    remote = Remote.from_url(url, storage_options)
+    return mismatch(served, remote.identity, credentials_identity(remote.fs))
 
 
 def _served_as(remotes: dict[str, dict[str, Any]], remote: str) -> str | None:

@@ -8,38 +8,85 @@ id: the one given to the call, else the client's, else ``$IGTCACHE_JOB``,
 else the id of the calling process (``igtcache.jobs.resolve_job``).
 
 A failed call raises what the engine raised in the daemon, of the same type
-(``igtcache.errors``). If the daemon goes away mid-request the call raises
-``DaemonUnavailable``; the next call connects again, so a restarted daemon is
-picked up without a new client (and so is a connection the daemon closed
-after its idle timeout).
+(``igtcache.errors``). If the daemon goes away mid-request, turns the
+connection away (it serves its ``--max-connections``) or does not answer
+within the client's timeout (``timeout=``, else ``$IGTCACHE_DAEMON_TIMEOUT``,
+else 60 s), the call raises ``DaemonUnavailable``; the next call connects
+again, so a restarted daemon is picked up without a new client (and so is a
+connection the daemon closed after its idle timeout).
+
+Before it sends a byte, the client asks the kernel who serves the socket
+(``SO_PEERCRED``): it must run as this user or root, or as the user named by
+``expected_uid=`` or ``$IGTCACHE_DAEMON_UID``; anything else is an
+``UntrustedDaemon`` (a ``DaemonUnavailable``), since a process that took the
+socket's place could answer reads with bytes of its choosing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pwd
 import socket
 import threading
 from typing import Any
 
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon.protocol import (
-    ERROR, MAGIC, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS, OP_PREFETCH, OP_REMOTES,
-    OP_STATS, RESPONSE, encode_json_request, encode_read, raise_error,
+    BUSY, ERROR, MAGIC, MAX_BUSY_MESSAGE, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS,
+    OP_PREFETCH, OP_REMOTES, OP_STATS, RESPONSE, encode_json_request, encode_read, kernel_timeout, raise_error,
 )
-from igtcache.errors import DaemonError, DaemonUnavailable, UnknownRemote
+from igtcache.errors import DaemonError, DaemonUnavailable, UnknownRemote, UntrustedDaemon
 from igtcache.jobs import resolve_job
+from igtcache.peercred import peer_credentials
 from igtcache.remote import check_range
 
-__all__ = ["DaemonClient", "DaemonError", "DaemonUnavailable"]
+__all__ = ["DaemonClient", "DaemonError", "DaemonUnavailable", "UntrustedDaemon"]
+
+DEFAULT_TIMEOUT = 60.0
+TIMEOUT_ENV = "IGTCACHE_DAEMON_TIMEOUT"
+UID_ENV = "IGTCACHE_DAEMON_UID"
+
+
+def client_timeout(timeout: float | None = None) -> float:
+    """Seconds a call waits for the daemon: ``timeout``, else ``$IGTCACHE_DAEMON_TIMEOUT``, else 60
+    (``math.inf``: for ever)."""
+    if timeout is None:
+        text = os.environ.get(TIMEOUT_ENV)
+        if not text:
+            return DEFAULT_TIMEOUT
+        try:
+            timeout = float(text)
+        except ValueError:
+            raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, e.g. 60, not {text!r}") from None
+    if not timeout > 0:
+        raise ValueError(f"the daemon client's timeout must be a positive number of seconds, not {timeout}")
+    return timeout
+
+
+def trusted_uids(expected_uid: int | str | None = None) -> frozenset[int]:
+    """Users a daemon may run as: this one, root, and ``expected_uid`` (a uid or user name), else
+    ``$IGTCACHE_DAEMON_UID``."""
+    named = expected_uid if expected_uid is not None else os.environ.get(UID_ENV) or None
+    uids = {os.geteuid(), 0}
+    if named is not None:
+        text = str(named)
+        try:
+            uids.add(int(text) if text.isdigit() else pwd.getpwnam(text).pw_uid)
+        except KeyError:
+            raise ValueError(f"the daemon's expected user {text!r} (expected_uid= or ${UID_ENV}) "
+                             "is no user on this machine") from None
+    return frozenset(uids)
 
 
 class _Pool:
     """Idle connections to one socket, reset in a forked child."""
 
-    def __init__(self, path: str, timeout: float | None) -> None:
+    def __init__(self, path: str, timeout: float, trusted: frozenset[int]) -> None:
         self.path = path
         self.timeout = timeout
+        self.trusted = trusted
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -69,23 +116,46 @@ class _Pool:
             conn.close()
 
     def _connect(self) -> socket.socket:
+        """A new connection, its peer checked and its handshake done; kernel timeouts bound each
+        connect, send and receive (the socket stays blocking: no ``poll()`` per call)."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(self.timeout)
         try:
+            if math.isfinite(self.timeout):
+                kernel_timeout(conn, socket.SO_RCVTIMEO, self.timeout)
+                kernel_timeout(conn, socket.SO_SNDTIMEO, self.timeout)  # connect() waits this long too
             conn.connect(self.path)
+            self._check_peer(conn)
             conn.sendall(MAGIC)
             answer = _recv_exact(conn, len(MAGIC))
+            if answer == BUSY:
+                message = conn.recv(MAX_BUSY_MESSAGE, socket.MSG_WAITALL).decode(errors="replace")
+                raise DaemonUnavailable(message or f"the igtcache daemon at {self.path} is busy")
+        except DaemonError:
+            conn.close()
+            raise
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             conn.close()
             raise DaemonUnavailable(f"no igtcache daemon at {self.path} ({exc.strerror}); "
                                     "start one with `igtcache serve`") from None
         except OSError as exc:
             conn.close()
-            raise DaemonUnavailable(f"cannot connect to the igtcache daemon at {self.path}: {exc}") from None
+            raise DaemonUnavailable(f"cannot connect to the igtcache daemon at {self.path}: "
+                                    f"{_describe(exc, self.timeout)}") from None
         if answer != MAGIC:
             conn.close()
             raise DaemonError(f"{self.path} does not speak the igtcache protocol (got {answer!r})")
         return conn
+
+    def _check_peer(self, conn: socket.socket) -> None:
+        peer = peer_credentials(conn)
+        uid = peer.uid if peer is not None else os.stat(self.path).st_uid  # no SO_PEERCRED: the socket's owner
+        if uid not in self.trusted:
+            me = os.geteuid()
+            expected = "root" if me == 0 else f"you ({_user(me)}) or root"
+            raise UntrustedDaemon(
+                f"the process serving {self.path} runs as {_user(uid)}, not as {expected}; it may have taken "
+                f"the daemon's place, so nothing was sent to it. If {_user(uid)} runs this node's daemon, "
+                f"trust it with {UID_ENV}={uid} (or DaemonClient(expected_uid={uid}))")
 
 
 class DaemonClient:
@@ -94,16 +164,20 @@ class DaemonClient:
     ``remote_name`` picks one of the daemon's remotes (``None``: its only
     one; with several, only the daemon-wide calls work until ``for_remote``).
     ``job`` tags every read that names no job of its own. ``timeout`` bounds
-    each socket operation (default: none; the daemon bounds remote I/O
-    itself). Raises ``DaemonUnavailable`` if no daemon answers, ``UnknownRemote`` (a
-    ``ValueError``) if it does not serve ``remote_name``.
+    each wait for the daemon to accept, answer or take bytes (default
+    ``$IGTCACHE_DAEMON_TIMEOUT``, else 60 s; ``math.inf`` waits for ever).
+    ``expected_uid`` (a uid or user name; default ``$IGTCACHE_DAEMON_UID``)
+    is a user the daemon may run as besides this one and root.
+    Raises ``DaemonUnavailable`` if no trusted daemon answers in time,
+    ``UnknownRemote`` (a ``ValueError``) if it does not serve ``remote_name``.
     """
 
     def __init__(self, socket_path: str | os.PathLike | None = None, remote_name: str | None = None,
-                 job: str | None = None, *, timeout: float | None = None, _pool: _Pool | None = None) -> None:
+                 job: str | None = None, *, timeout: float | None = None, expected_uid: int | str | None = None,
+                 _pool: _Pool | None = None) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
         self.job = job
-        self._pool = _pool or _Pool(self.socket_path, timeout)
+        self._pool = _pool or _Pool(self.socket_path, client_timeout(timeout), trusted_uids(expected_uid))
         self._remotes = {r["name"]: r for r in self._call(OP_REMOTES, {})}
         if remote_name is None and len(self._remotes) == 1:
             remote_name = next(iter(self._remotes))
@@ -243,6 +317,9 @@ class DaemonClient:
                 conn.close()
                 if reused and isinstance(exc, (_Closed, BrokenPipeError, ConnectionResetError)) and _sent_nothing(exc):
                     continue  # an idle connection to a daemon that has since restarted
+                if isinstance(exc, (BlockingIOError, TimeoutError)):
+                    raise DaemonUnavailable(f"the igtcache daemon at {self.socket_path} did not answer: "
+                                            f"{_describe(exc, self._pool.timeout)}") from None
                 raise DaemonUnavailable(f"the igtcache daemon at {self.socket_path} went away mid-request "
                                         f"({exc}); is it still running?") from None
             self._pool.put(conn)
@@ -253,6 +330,21 @@ class DaemonClient:
             if status == OK_BYTES:
                 return body
             raise DaemonError(f"unknown response status {status} from the daemon at {self.socket_path}")
+
+
+def _describe(exc: OSError, timeout: float) -> str:
+    """``exc`` in words; a kernel timeout (``EAGAIN``) says how long was waited and what to do."""
+    if isinstance(exc, (BlockingIOError, TimeoutError)):
+        return (f"nothing for {timeout:g} s (hung or overloaded?); a longer wait: timeout= or "
+                f"${TIMEOUT_ENV}")
+    return str(exc)
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class _Closed(ConnectionError):

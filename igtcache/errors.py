@@ -32,6 +32,10 @@ class DaemonUnavailable(DaemonError):
     """No daemon answers on the socket, or it went away mid-request."""
 
 
+class UntrustedDaemon(DaemonUnavailable):
+    """The process serving the socket runs as a user the client does not trust (``SO_PEERCRED``)."""
+
+
 class InternalError(DaemonError):
     """The daemon failed in a way it has no row for (a bug): its log has the traceback."""
 

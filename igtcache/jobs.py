@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
+
+from igtcache.peercred import peer_credentials
 
 ENV = "IGTCACHE_JOB"
-
-_UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
 def resolve_job(job: str | None = None) -> str:
@@ -29,12 +28,7 @@ def resolve_job(job: str | None = None) -> str:
 
 def peer_job(conn: socket.socket) -> str:
     """The job of a request on ``conn`` that names none: the peer's pid, else ``conn-FD``."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is not None and conn.family == socket.AF_UNIX:
-        try:
-            pid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, option, _UCRED.size))[0]
-        except OSError:
-            pid = 0
-        if pid > 0:  # 0: the peer lives in a pid namespace this one cannot see
-            return str(pid)
+    peer = peer_credentials(conn)
+    if peer is not None and peer.pid > 0:
+        return str(peer.pid)
     return f"conn-{conn.fileno()}"

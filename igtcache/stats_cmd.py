@@ -43,7 +43,8 @@ def render(stats: dict[str, Any]) -> str:
     requests = sum(daemon["requests"].values())
     errors = sum(daemon["errors"].values())
     lines = [f"igtcache daemon pid {daemon['pid']}, up {daemon['uptime_s']:.0f} s, "
-             f"{daemon['connections']} connections, {requests} requests ({errors} errors)"]
+             f"{daemon['connections']} of {daemon['max_connections']} connections, "
+             f"{format_size(daemon['inflight_bytes'])} in flight, {requests} requests ({errors} errors)"]
     for name, s in sorted(stats["remotes"].items()):
         lines += ["", f"remote {name}  policy {s.get('policy', '?')}, blocks of {format_size(s.get('block_size', 0))}"]
         for tier, t in sorted((s.get("tiers") or {}).items()):

@@ -311,7 +311,8 @@ def test_stats_and_metrics_show_each_access_stream_with_its_pattern():
     stream = {"path": "train/shard-1.tar", "job": "trainer-7", "level": "file", "region": None,
               "label": "sequential", "samples": 12, "visits": 20, "accesses": 80, "rate": 250.0,
               "byte_rate": 64e6, "share": 0.25}
-    stats = {"daemon": {"pid": 1, "uptime_s": 5, "connections": 2, "requests": {"read": 80}, "errors": {}},
+    stats = {"daemon": {"pid": 1, "uptime_s": 5, "connections": 2, "max_connections": 1024, "inflight_bytes": 0,
+                        "max_inflight_bytes": 1 << 28, "requests": {"read": 80}, "errors": {}},
              "remotes": {"r": {"reads": 80, "hits": 40, "hit_ratio": 0.5, "byte_hit_ratio": 0.5, "jobs": {},
                                "tiers": {}, "streams": [stream, {**stream, "job": None, "label": "random"}]}}}
     lines = render_stats(stats).splitlines()

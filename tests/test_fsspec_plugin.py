@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import random
+import subprocess
+import sys
+import time
+import urllib.request
 
 import fsspec
 import pytest
@@ -14,6 +19,9 @@ import pytest
 from igtcache.clients.fsspec_plugin import IgtcacheFileSystem
 from igtcache.daemon.process import DaemonProcess
 from igtcache.daemon_client import DaemonClient, DaemonUnavailable
+from igtcache.local_s3 import LocalS3, free_port
+
+from .conftest import BUCKET
 
 KiB = 1 << 10
 BLOCK = 64 * KiB
@@ -128,6 +136,58 @@ def test_paths_the_daemon_does_not_serve_run_embedded(s3_server, objects, daemon
     with pytest.raises(DaemonUnavailable, match="serves"):
         _fs(s3_server, mode="attach").cat_file(outside)
     fs.rm(outside)
+
+
+@pytest.fixture(scope="module")
+def other_endpoint():
+    """A second S3 server with its own objects (another process: moto keeps one store per process)."""
+    port = free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = LocalS3(port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(other.endpoint, timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+                time.sleep(0.1)
+        other.create_bucket(BUCKET)
+        yield other
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_daemon_is_used_only_for_the_same_endpoint_and_credentials(s3_server, objects, daemon,
+                                                                      other_endpoint, caplog):
+    _fs3, prefix, data = objects
+    path = f"{prefix}/data/part-2.bin"
+    other_endpoint.filesystem().pipe_file(path, b"endpoint B's object")
+    caplog.set_level(logging.INFO, logger="igtcache.clients.fsspec_plugin")
+    before = _daemon_stats(daemon)["reads"]
+
+    on_b = fsspec.filesystem("igtcache", target_protocol="s3", target_options=other_endpoint.storage_options(),
+                             skip_instance_cache=True)
+    assert on_b.cat_file(path) == b"endpoint B's object"
+    assert f"the daemon's remote is s3://{prefix} at {s3_server.endpoint}, this one is s3://{prefix} at " \
+           f"{other_endpoint.endpoint}" in caplog.text
+    with pytest.raises(DaemonUnavailable, match=f"at {other_endpoint.endpoint}"):
+        fsspec.filesystem("igtcache", target_protocol="s3", target_options=other_endpoint.storage_options(),
+                          mode="attach", skip_instance_cache=True).cat_file(path)
+
+    as_someone_else = fsspec.filesystem("igtcache", target_protocol="s3", skip_instance_cache=True,
+                                        target_options=s3_server.storage_options(key="someone-else"))
+    assert as_someone_else.cat_file(path) == data[path]
+    assert f"the daemon reads s3://{prefix} at {s3_server.endpoint} with other credentials" in caplog.text
+    assert "someone-else" not in caplog.text and "testing" not in caplog.text  # no key id, let alone a secret
+    assert _daemon_stats(daemon)["reads"] == before  # neither went to the daemon
+
+    assert _fs(s3_server).cat_file(path) == data[path]  # the same endpoint and principal: attached
+    assert _daemon_stats(daemon)["reads"] == before + 1
+    assert f"reading s3://{prefix} at {s3_server.endpoint} through the igtcache daemon" in caplog.text
 
 
 @pytest.mark.parametrize("attached", [True, False], ids=["attached", "embedded"])

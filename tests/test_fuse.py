@@ -3,6 +3,7 @@ ordinary file APIs and compared byte for byte with the remote."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -12,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from igtcache.daemon import protocol as P
 from igtcache.fuse.available import fuse_unusable
 from igtcache.local_s3 import LocalS3
 
@@ -370,6 +373,66 @@ def test_daemon_that_does_not_serve_the_remote_is_a_clear_error(dataset, tmp_pat
     assert f"does not serve {url}" in capsys.readouterr().err
     assert main([url, str(tmp_path / "mnt"), "--daemon", str(tmp_path / "none.sock"), "--foreground"]) == 1
     assert "--embedded" in capsys.readouterr().err
+
+
+def test_a_daemon_reading_the_url_elsewhere_is_not_used_for_a_mount_with_its_own_options(dataset, tmp_path, capsys):
+    from igtcache.daemon.process import DaemonProcess
+    from igtcache.fuse.cli import main
+
+    _fs, _prefix, url, options = dataset
+    args = ["--remote", f"data={url}", "--storage-options", json.dumps(options), "--disk", "0"]
+    elsewhere = {**options, "client_kwargs": {**options["client_kwargs"], "endpoint_url": "http://127.0.0.1:9"}}
+    (tmp_path / "mnt").mkdir()
+    with DaemonProcess(tmp_path / "d.sock", args) as daemon:
+        assert main([url, str(tmp_path / "mnt"), "--daemon", daemon.socket_path, "--foreground",
+                     "--storage-options", json.dumps(elsewhere)]) == 1
+    err = capsys.readouterr().err
+    assert f"serves {url} as 'data', but the daemon's remote is" in err and "http://127.0.0.1:9" in err
+
+
+def _silent_daemon(path: str, url: str) -> socket.socket:
+    """A daemon that answers the handshake and the list of its remotes (``url`` as ``data``), then
+    nothing more: hung on every read."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    remotes = json.dumps([{"name": "data", "url": url, "protocols": ["s3"], "root": url[5:], "block_size": MiB,
+                           "max_read": 16 * MiB}]).encode()
+
+    def serve(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.recv(len(P.MAGIC), socket.MSG_WAITALL)
+            conn.sendall(P.MAGIC)
+            while header := conn.recv(P.REQUEST.size, socket.MSG_WAITALL):
+                op, length = P.REQUEST.unpack(header)
+                conn.recv(length, socket.MSG_WAITALL)
+                if op != P.OP_REMOTES:
+                    threading.Event().wait()  # hung
+                conn.sendall(P.RESPONSE.pack(P.OK_JSON, len(remotes)) + remotes)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+def test_a_hung_daemon_is_eio_within_the_client_timeout(dataset, mounts, tmp_path, monkeypatch):
+    _fs, _prefix, url, _options = dataset
+    monkeypatch.setenv("IGTCACHE_DAEMON_TIMEOUT", "2")
+    listener = _silent_daemon(str(tmp_path / "hung.sock"), url)
+    try:
+        mnt, _ = mounts(url, "--daemon", str(tmp_path / "hung.sock"))
+        outcome: list = []
+        stat = threading.Thread(target=lambda: outcome.append(_errno(os.stat, mnt / "small.txt")), daemon=True)
+        started = time.monotonic()
+        stat.start()
+        stat.join(60)
+        assert outcome == [errno.EIO] and time.monotonic() - started < 30
+    finally:
+        listener.close()
 
 
 # ---------------------------------------------------------------------- writes

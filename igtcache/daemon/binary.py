@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
 from igtcache.daemon.protocol import (
     ERROR, MAX_PAYLOAD, OK_BYTES, OK_JSON, OP_READ, OPS, REQUEST, RESPONSE, BadRequest,
-    decode_json, decode_read, error_body,
+    decode_json, decode_read, error_body, kernel_timeout,
 )
 from igtcache.daemon.service import Service
 from igtcache.errors import INTERNAL, error_row
@@ -35,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Most pieces one ``sendmsg`` gathers (the kernel's IOV_MAX is 1024); a read of more is joined first.
 MAX_GATHER = 512
-
-_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 @dataclass(frozen=True)
@@ -56,8 +53,8 @@ def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) 
     """Answer requests until the client closes the connection, idles or stalls past ``timeouts``,
     or the daemon shuts the connection's reading side."""
     conn.settimeout(None)
-    _kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
-    _kernel_timeout(conn, socket.SO_SNDTIMEO, timeouts.idle)
+    kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
+    kernel_timeout(conn, socket.SO_SNDTIMEO, timeouts.idle)
     header = bytearray(REQUEST.size)
     job = peer_job(conn)
     try:
@@ -77,9 +74,9 @@ def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) 
             name = OPS[op]
             try:
                 if op == OP_READ:
-                    status, body = OK_BYTES, service.read(**decode_read(bytes(payload)), peer_job=job)
+                    reply = service.read(**decode_read(bytes(payload)), peer_job=job)
                 else:
-                    status, body = OK_JSON, json.dumps(service.call(name, decode_json(bytes(payload)))).encode()
+                    body = json.dumps(service.call(name, decode_json(bytes(payload)))).encode()
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
                 service.count(name, exc)
                 if error_row(exc) is INTERNAL:
@@ -87,7 +84,11 @@ def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) 
                 _send(conn, ERROR, error_body(exc))
                 continue
             service.count(name)
-            _send(conn, status, body)
+            if op == OP_READ:
+                with reply:  # its bytes count against the response budget until they have left
+                    _send(conn, OK_BYTES, reply.pieces)
+            else:
+                _send(conn, OK_JSON, body)
     except OSError:
         pass  # the client went away or stopped reading (SO_SNDTIMEO), or the daemon is shutting it down
 
@@ -138,7 +139,7 @@ def _fill(conn: socket.socket, view: memoryview, deadline: float, timeouts: Time
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Unfinished
-            _kernel_timeout(conn, socket.SO_RCVTIMEO, remaining)
+            kernel_timeout(conn, socket.SO_RCVTIMEO, remaining)
             try:
                 n = conn.recv_into(view[got:])
             except BlockingIOError:
@@ -147,14 +148,8 @@ def _fill(conn: socket.socket, view: memoryview, deadline: float, timeouts: Time
                 return False
             got += n
     finally:
-        _kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
+        kernel_timeout(conn, socket.SO_RCVTIMEO, timeouts.idle)
     return True
-
-
-def _kernel_timeout(conn: socket.socket, option: int, seconds: float) -> None:
-    """Bound each blocking receive (``SO_RCVTIMEO``) or send (``SO_SNDTIMEO``) on ``conn`` by ``seconds``."""
-    micros = max(1, round(seconds * 1e6))  # a zero timeval would mean "never"
-    conn.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000))
 
 
 def _send(conn: socket.socket, status: int, body: bytes | list[bytes | memoryview]) -> None:

@@ -15,7 +15,8 @@ On the Unix socket::
 
 A read's job is ``job=``, else the ``X-Igtcache-Job`` header, else the
 connected process's (``igtcache.jobs.peer_job``). Reads answer with the
-bytes as an ``application/octet-stream`` body; errors with a JSON body
+bytes as an ``application/octet-stream`` body, written piece by piece and
+counted against the response budget until written; errors with a JSON body
 ``{"error": wire name, "message": text}`` and the status of the error's row
 in ``igtcache.errors``.
 The optional TCP listener gets only ``/health`` and ``/metrics``: it never
@@ -35,7 +36,7 @@ from aiohttp.web import RequestHandler
 
 from igtcache.daemon import metrics
 from igtcache.daemon.protocol import error_body
-from igtcache.daemon.service import Service
+from igtcache.daemon.service import Reply, Service
 from igtcache.errors import INTERNAL, BadRequest, error_row
 from igtcache.jobs import peer_job
 
@@ -48,10 +49,6 @@ def _error(exc: BaseException) -> web.Response:
 
 def _json(value: Any) -> web.Response:
     return web.Response(body=json.dumps(value).encode(), content_type="application/json")
-
-
-def _bytes(data: bytes) -> web.Response:
-    return web.Response(body=data, content_type="application/octet-stream")
 
 
 def _query_int(request: web.Request, name: str, default: int) -> int:
@@ -68,14 +65,23 @@ class _Connection(RequestHandler):
     """aiohttp's handler of one connection, aborted once a response has sat unread by the client
     for ``stall_timeout`` seconds: a client that stops reading must not hold its response's bytes
     (up to ``--max-read``) forever. aiohttp bounds the rest: no request for ``keepalive_timeout``
-    seconds, a request never finished included, closes the connection."""
+    seconds, a request never finished included, closes the connection. ``on_lost`` runs once
+    the connection is gone (it frees the connection's slot)."""
 
-    __slots__ = ("_stall_timeout", "_stalled")
+    __slots__ = ("_stall_timeout", "_stalled", "_on_lost")
 
-    def __init__(self, manager: web.Server, *, stall_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, stall_timeout: float, on_lost: Callable[[], None],
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._stall_timeout = stall_timeout
         self._stalled: asyncio.TimerHandle | None = None
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._on_lost()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -99,12 +105,12 @@ class HttpApi:
         self.service = service
 
     @staticmethod
-    def connections(server: web.Server, loop: asyncio.AbstractEventLoop,
-                    idle_timeout: float) -> Callable[[], RequestHandler]:
+    def connections(server: web.Server, loop: asyncio.AbstractEventLoop, idle_timeout: float,
+                    on_lost: Callable[[], None]) -> Callable[[], RequestHandler]:
         """A protocol factory for ``server``'s connections, each closed after ``idle_timeout`` seconds
-        without a whole request or with a response left unread."""
+        without a whole request or with a response left unread; ``on_lost`` runs as each one ends."""
         return lambda: _Connection(server, loop=loop, access_log=None, keepalive_timeout=idle_timeout,
-                                   stall_timeout=idle_timeout)
+                                   stall_timeout=idle_timeout, on_lost=on_lost)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 10)
@@ -127,17 +133,19 @@ class HttpApi:
         app.add_routes([web.get("/health", self._op("health")), web.get("/metrics", self.metrics)])
         return app
 
-    async def _answer(self, op: str, call: Callable[[], Any], respond: Callable[[Any], web.Response]) -> web.Response:
-        """Run ``call`` off the loop; its result through ``respond``, or any failure as an error response."""
+    async def _answer(self, op: str, call: Callable[[], Any],
+                      discard: Callable[[Any], None] | None = None) -> tuple[Any, web.Response | None]:
+        """Run ``call`` off the loop: ``(result, None)``, or ``(None, error response)`` for any failure.
+        ``discard`` takes a result no one is left to answer with."""
         try:
-            result = await _in_thread(call)
+            result = await _in_thread(call, discard)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
             self.service.count(op, exc)
             if error_row(exc) is INTERNAL:
                 log.exception("%s failed", op)
-            return _error(exc)
+            return None, _error(exc)
         self.service.count(op)
-        return respond(result)
+        return result, None
 
     async def read(self, request: web.Request) -> web.Response:
         q = request.query
@@ -147,12 +155,22 @@ class HttpApi:
             raise ConnectionResetError("the client closed the connection")
         default_job = peer_job(transport.get_extra_info("socket"))
 
-        def call() -> bytes:
-            return b"".join(self.service.read(request.match_info["remote"], q.get("path", ""),
-                                              _query_int(request, "offset", 0), _query_int(request, "size", -1),
-                                              job, q.get("hint"), peer_job=default_job))
+        def call() -> Reply:
+            return self.service.read(request.match_info["remote"], q.get("path", ""),
+                                     _query_int(request, "offset", 0), _query_int(request, "size", -1),
+                                     job, q.get("hint"), peer_job=default_job)
 
-        return await self._answer("read", call, _bytes)
+        reply, error = await self._answer("read", call, Reply.close)
+        if error is not None:
+            return error
+        with reply:  # the pieces themselves, unjoined; their budget is held until the last is written
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.content_length = reply.size
+            await response.prepare(request)
+            for piece in reply.pieces:
+                await response.write(piece)
+            await response.write_eof()
+        return response
 
     def _op(self, op: str):
         async def handler(request: web.Request) -> web.Response:
@@ -163,7 +181,8 @@ class HttpApi:
                     args.update(offset=_query_int(request, "offset", 0), size=_query_int(request, "size", -1))
                 return self.service.call(op, args)
 
-            return await self._answer(op, call, _json)
+            result, error = await self._answer(op, call)
+            return _json(result) if error is None else error
         return handler
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -172,8 +191,9 @@ class HttpApi:
 
 
 
-async def _in_thread(call: Callable[[], Any]) -> Any:
-    """``call()`` in a daemon thread of its own.
+async def _in_thread(call: Callable[[], Any], discard: Callable[[Any], None] | None = None) -> Any:
+    """``call()`` in a daemon thread of its own; ``discard`` gets a result whose handler is gone
+    (cancelled, or the loop closed).
 
     Not the loop's executor: a request stuck on a hanging remote must not
     keep the daemon from exiting once its grace period is over.
@@ -184,6 +204,8 @@ async def _in_thread(call: Callable[[], Any]) -> Any:
     def settle(outcome: str, value: Any) -> None:
         if not future.done():
             getattr(future, outcome)(value)
+        elif outcome == "set_result" and discard is not None:
+            discard(value)
 
     def work() -> None:
         try:
@@ -192,8 +214,9 @@ async def _in_thread(call: Callable[[], Any]) -> Any:
             outcome, value = "set_exception", exc
         try:
             loop.call_soon_threadsafe(settle, outcome, value)
-        except RuntimeError:
-            pass  # the loop has closed: the daemon stopped without waiting for this request
+        except RuntimeError:  # the loop has closed: the daemon stopped without waiting for this request
+            if outcome == "set_result" and discard is not None:
+                discard(value)
 
     threading.Thread(target=work, name="igtcache-http", daemon=True).start()
     return await future

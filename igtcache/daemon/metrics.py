@@ -74,6 +74,11 @@ def render(stats: dict[str, Any]) -> str:
     out.sample("up", "gauge", "1 while the daemon serves.", 1)
     out.sample("uptime_seconds", "gauge", "Seconds since the daemon started.", daemon["uptime_s"])
     out.sample("connections", "gauge", "Open client connections.", daemon["connections"])
+    out.sample("max_connections", "gauge", "Most connections served at once (--max-connections).",
+               daemon["max_connections"])
+    out.sample("inflight_bytes", "gauge", "Response bytes held for clients right now.", daemon["inflight_bytes"])
+    out.sample("max_inflight_bytes", "gauge", "Most response bytes held at once (--max-inflight).",
+               daemon["max_inflight_bytes"])
     for op, n in sorted(daemon["requests"].items()):
         out.sample("requests_total", "counter", "Requests received, by operation.", n, op=op)
     for error, n in sorted(daemon["errors"].items()):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from igtcache.daemon.protocol import DaemonError
 from igtcache.daemon_client import DaemonClient
@@ -19,12 +20,15 @@ class DaemonProcess:
 
     Its log (stderr) goes to a temporary file, read with ``log()``. Use it as a
     context manager, or call ``stop()``/``kill()``: a daemon is never left behind.
+    ``preexec`` runs in the child before the daemon starts (e.g. to lower a limit).
     """
 
-    def __init__(self, socket_path: str | os.PathLike, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, socket_path: str | os.PathLike, args: list[str], env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.socket_path = os.fspath(socket_path)
         self.args = list(args)
         self.env = env
+        self.preexec = preexec
         self.process: subprocess.Popen | None = None
         fd, self.log_path = tempfile.mkstemp(prefix="igtcache-serve-", suffix=".log")
         os.close(fd)
@@ -36,7 +40,8 @@ class DaemonProcess:
     def _spawn(self) -> None:
         command = [sys.executable, "-m", "igtcache.cli", "serve", "--socket", self.socket_path, *self.args]
         with open(self.log_path, "ab") as log:  # appending: the child's writes never overwrite each other
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env)
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                                            preexec_fn=self.preexec)
 
     def start(self, timeout: float = 60.0) -> "DaemonProcess":
         """Start it and wait until it serves; ``RuntimeError`` with its log if it exits or never answers."""

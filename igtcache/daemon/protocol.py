@@ -3,7 +3,9 @@
 The daemon's socket speaks HTTP (aiohttp: curl, ``/metrics``, the stats
 command) and this protocol, told apart by the first bytes of a connection: a
 binary client opens with ``MAGIC``, the server answers ``MAGIC``, then frames
-follow on the persistent connection, one response per request, in order.
+follow on the persistent connection, one response per request, in order. A
+daemon that already serves its ``--max-connections`` answers ``BUSY`` instead,
+then a UTF-8 message saying so, and closes the connection.
 
 Request:  ``op`` (u8), payload length (u32), payload.
   - ``OP_READ`` payload: offset (u64), size (i64, -1 = to the end), then the
@@ -28,6 +30,7 @@ between frames for the daemon's idle timeout is closed without a word
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from typing import Any
 
@@ -36,6 +39,8 @@ from typing import Any
 from igtcache.errors import BadRequest, DaemonError, DaemonUnavailable, error_row, exception_from_wire
 
 MAGIC = b"IGTCv1\r\n"
+BUSY = b"IGTCbusy"  # as long as MAGIC
+MAX_BUSY_MESSAGE = 1024
 REQUEST = struct.Struct("<BI")
 RESPONSE = struct.Struct("<BQ")
 READ_ARGS = struct.Struct("<QqHHHH")
@@ -53,6 +58,8 @@ OPS = {
     OP_READ: "read", OP_INFO: "info", OP_LS: "ls", OP_INVALIDATE: "invalidate",
     OP_PREFETCH: "prefetch", OP_STATS: "stats", OP_HEALTH: "health", OP_REMOTES: "remotes",
 }
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 OK_BYTES = 0
 OK_JSON = 1
@@ -115,3 +122,11 @@ def raise_error(body: bytes) -> None:
     except (ValueError, KeyError, TypeError):
         raise DaemonError(f"malformed error response from the daemon: {body[:200]!r}") from None
     raise exception_from_wire(str(name), str(message))
+
+
+def kernel_timeout(conn: socket.socket, option: int, seconds: float) -> None:
+    """Bound each blocking receive (``SO_RCVTIMEO``) or send and connect (``SO_SNDTIMEO``) on ``conn``
+    by ``seconds``: the call then fails with ``EAGAIN`` (``BlockingIOError``). Unlike a Python socket
+    timeout, it costs no ``poll()`` per call."""
+    micros = max(1, round(seconds * 1e6))  # a zero timeval would mean "never"
+    conn.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000))

@@ -26,7 +26,12 @@ and without a daemon runs the same engine in-process.
 
 The socket speaks HTTP (try: curl --unix-socket SOCKET http://x/v1/stats) and
 a binary protocol for reads. SIGTERM or Ctrl-C stops it cleanly: in-flight
-reads get --grace seconds, and the disk tier is closed intact."""
+reads get --grace seconds, and the disk tier is closed intact.
+
+On a shared node: the socket's directory must not be writable by other users
+(unless sticky, like /tmp), clients check that the daemon runs as themselves
+or root (or as $IGTCACHE_DAEMON_UID), at most --max-connections are served at
+once and --max-inflight bytes of responses held; docs/security.md has the rest."""
 
 EPILOG = f"""\
 examples:
@@ -76,21 +81,34 @@ def _parser() -> argparse.ArgumentParser:
                         help="permission bits of the socket (default 0600: this user only; 0660 with --socket-group)")
     parser.add_argument("--socket-group", metavar="GROUP", help="group that owns the socket, for shared nodes")
     parser.add_argument("--cache-dir", help="where each remote's disk tier lives, one directory per remote")
-    parser.add_argument("--memory", type=size_argument, help="memory tier, split evenly between remotes (default 1GiB)")
+    parser.add_argument("--memory", type=size_argument,
+                        help="memory tier, split evenly between remotes; at most the machine's RAM (default 1GiB)")
     parser.add_argument("--disk", type=size_argument,
-                        help="disk tier, split evenly between remotes (default 10GiB; 0 = memory only)")
-    parser.add_argument("--block-size", type=size_argument, help="cache block size (default 4MiB)")
+                        help="disk tier, split evenly between remotes (default 10GiB; 0 = memory only); refused if "
+                             "larger than the cache dir's file system, a warning if larger than its free space")
+    parser.add_argument("--block-size", type=size_argument,
+                        help="cache block size, a multiple of 4KiB from 4KiB to 64MiB (default 4MiB)")
     parser.add_argument("--policy", choices=LIVE_POLICIES, help="eviction policy (default igt)")
-    parser.add_argument("--ttl", type=float, help="seconds before an object's version is checked again (default 30)")
-    parser.add_argument("--max-read", type=size_argument, help="largest read one request may ask for (default 256MiB)")
-    parser.add_argument("--grace", type=float, help="seconds in-flight requests get at shutdown (default 30)")
+    parser.add_argument("--ttl", type=float, metavar="SECONDS", help="seconds before an object's version is checked again (default 30)")
+    parser.add_argument("--max-read", type=size_argument,
+                        help="largest read or prefetch one request may ask for, 64KiB to 4GiB (default 256MiB); "
+                             "clients split larger reads")
+    parser.add_argument("--max-inflight", type=size_argument, metavar="SIZE",
+                        help="response bytes held at once across all clients, at least --max-read (default: twice "
+                             "--max-read, at least 256MiB); a read that finds no room waits up to --frame-timeout, "
+                             "then fails with TimeoutError")
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        help="connections served at once (default 1024, fewer if the open-file limit is low); "
+                             "past it a client is told the daemon is busy")
+    parser.add_argument("--grace", type=float, metavar="SECONDS", help="seconds in-flight requests get at shutdown (default 30)")
     parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                         help="close a connection idle this long between requests (default 60)")
     parser.add_argument("--frame-timeout", type=float, metavar="SECONDS",
                         help="close a connection whose started request, or opening handshake, "
                              "is not whole after this long (default 10)")
-    parser.add_argument("--metrics-port", type=int, help="also serve /metrics over TCP on this port (default: off)")
-    parser.add_argument("--metrics-host", help="address for --metrics-port (default 127.0.0.1)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="also serve /metrics and /health over TCP on this port, 1-65535 (default: off)")
+    parser.add_argument("--metrics-host", metavar="ADDRESS", help="address for --metrics-port (default 127.0.0.1)")
     parser.add_argument("--cluster", metavar="URL",
                         help="cluster tier shared by every node's daemon: redis://HOST:PORT[,HOST:PORT...] "
                              "(rediss:// for TLS, redis://USER:PASSWORD@... for ACL); `igtcache cluster up` "
@@ -112,6 +130,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         "socket": args.socket, "socket_mode": args.socket_mode, "socket_group": args.socket_group,
         "cache_dir": args.cache_dir, "memory_bytes": args.memory, "disk_bytes": args.disk,
         "block_size": args.block_size, "policy": args.policy, "ttl": args.ttl, "max_read": args.max_read,
+        "max_inflight": args.max_inflight, "max_connections": args.max_connections,
         "grace": args.grace, "idle_timeout": args.idle_timeout, "frame_timeout": args.frame_timeout,
         "metrics_port": args.metrics_port, "metrics_host": args.metrics_host,
         "trace_dir": args.trace_dir, "cluster": args.cluster, "cluster_prefix": args.cluster_prefix,

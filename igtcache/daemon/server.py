@@ -1,16 +1,22 @@
 """The node daemon's life cycle: one ``Cache`` per remote, served on a Unix socket.
 
-Start: take ``SOCKET.lock`` (a second daemon on the socket is refused, naming
-the live one's pid), replace a stale socket left by a dead daemon, open the
-caches (the disk tier comes back as it was), bind the socket with the
-requested mode (0600 unless told otherwise) before anyone can connect.
+Start (``startup.py`` checks each step): raise the open-file limit to its
+hard limit and size ``--max-connections`` within it; refuse a socket
+directory other users could write; take ``SOCKET.lock`` (never through a
+link; a second daemon on the socket is refused, naming the live one's pid),
+replace a stale socket left by a dead daemon, check the budgets against the
+machine, open the caches (the disk tier comes back as it was), bind the
+socket with the requested mode (0600 unless told otherwise) before anyone
+can connect, and the metrics port. Whatever fails is a ``StartError``.
 
-Serve: the asyncio loop accepts connections; a short-lived thread reads the
-first bytes of each, keeps binary-protocol clients (``protocol.MAGIC``) in
-that thread and hands everything else to aiohttp. A connection that has not
-said which within ``frame_timeout`` is closed; so is one idle, or with a
-response left unread, for ``idle_timeout`` (``binary.Timeouts``,
-``HttpApi.connections``).
+Serve: the asyncio loop accepts connections, up to ``max_connections`` at
+once (``admission.py``: the rest are told so and closed); a short-lived
+thread reads the first bytes of each, keeps binary-protocol clients
+(``protocol.MAGIC``) in that thread and hands everything else to aiohttp. A
+connection that has not said which within ``frame_timeout`` is closed; so is
+one idle, or with a response left unread, for ``idle_timeout``
+(``binary.Timeouts``, ``HttpApi.connections``). Response bytes in flight are
+bounded by ``max_inflight`` (``budget.py``).
 
 Stop (SIGTERM or SIGINT): stop accepting and remove the socket, let in-flight
 requests finish for up to ``grace`` seconds (binary connections stop reading
@@ -21,6 +27,7 @@ disk tier is closed intact. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -37,20 +44,22 @@ from aiohttp import web
 
 from igtcache import Cache, CacheDirInUse
 from igtcache.cluster_url import parse_cluster_url
+from igtcache.daemon.admission import ConnectionSlots, Refusals
 from igtcache.daemon.binary import Timeouts, serve_connection
-from igtcache.daemon.config import DaemonConfig
+from igtcache.daemon.budget import ResponseBudget
+from igtcache.daemon.config import DaemonConfig, group_id
 from igtcache.daemon.http_api import HttpApi
 from igtcache.daemon.protocol import MAGIC
 from igtcache.daemon.service import Service
+from igtcache.daemon.startup import (
+    StartError, bind_metrics, check_disk, check_memory, check_socket_dir, connection_cap, open_lock_file,
+    raise_nofile_limit,
+)
 from igtcache.sizes import format_size
 
 log = logging.getLogger("igtcache.daemon")
 
-MAX_CONNECTIONS = 4096
-
-
-class StartError(RuntimeError):
-    """The daemon cannot start; the message says why and what to do."""
+__all__ = ["Daemon", "StartError"]
 
 
 class Daemon:
@@ -63,8 +72,10 @@ class Daemon:
         self._lock_file = None
         self._listener: socket.socket | None = None
         self._inode: int | None = None
+        self._metrics_listener: socket.socket | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conns_lock = threading.Lock()
+        self._slots: ConnectionSlots | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._http_factory = None
@@ -72,38 +83,48 @@ class Daemon:
     def run(self) -> None:
         """Start, serve until a signal, stop cleanly. ``StartError`` if it cannot start."""
         try:
-            self._take_socket_lock()
-            self._replace_stale_socket()
-            self.service = Service(self._open_caches(), self.config.max_read)
-            self._bind()
+            self._start()
             asyncio.run(self._serve())
         finally:
             self._close()
 
     # ------------------------------------------------------------------ start
 
+    def _start(self) -> None:
+        cfg = self.config
+        try:
+            nofile = raise_nofile_limit()
+            self._slots = ConnectionSlots(connection_cap(cfg.max_connections, nofile))
+            log.info("open-file limit %d; up to %d connections", nofile, self._slots.limit)
+            self._take_socket_lock()
+            self._replace_stale_socket()
+            check_memory(sum(cfg.tier_sizes(r)[0] for r in cfg.remotes), cfg.inflight_bytes)
+            check_disk({d: cfg.tier_sizes(r)[1] for r in cfg.remotes if (d := cfg.remote_cache_dir(r))})
+            budget = ResponseBudget(cfg.inflight_bytes, wait=cfg.frame_timeout)
+            self.service = Service(self._open_caches(), cfg.max_read, budget, self._slots.counts)
+            self._bind()
+            if cfg.metrics_port is not None:
+                self._metrics_listener = bind_metrics(cfg.metrics_host, cfg.metrics_port)
+        except OSError as exc:  # ENOSPC, EACCES, EROFS... on the socket's or the caches' file systems
+            raise StartError(f"cannot start: {exc}") from None
+
     def _take_socket_lock(self) -> None:
         directory = self.socket_path.parent
         if not directory.exists():
             directory.mkdir(mode=0o700, parents=True)
-        info = directory.lstat()
-        if stat.S_ISLNK(info.st_mode) or info.st_uid not in (os.getuid(), 0):
-            raise StartError(f"socket directory {directory} is a symlink or belongs to another user; "
-                             "choose another --socket")
+        check_socket_dir(directory)
         lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
-        handle = open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+")
+        handle = open_lock_file(lock_path)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = handle.read().strip() or "unknown"
+            owner = handle.read().decode(errors="replace").strip() or "unknown"
             handle.close()
             raise StartError(f"socket {self.socket_path} is already served by a live daemon (pid {owner}); "
                              f"stop it first (kill -TERM {owner}) or choose another --socket") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
         self._lock_file = handle
+        handle.truncate(0)
+        handle.write(str(os.getpid()).encode())
 
     def _replace_stale_socket(self) -> None:
         try:
@@ -112,6 +133,9 @@ class Daemon:
             return
         if not stat.S_ISSOCK(info.st_mode):
             raise StartError(f"{self.socket_path} exists and is not a socket; refusing to replace it")
+        if info.st_uid != os.geteuid():
+            raise StartError(f"{self.socket_path} is a socket of another user (uid {info.st_uid}); refusing to "
+                             "replace it (remove it, or choose another --socket)")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(2)
         try:
@@ -130,7 +154,7 @@ class Daemon:
         caches: dict[str, Cache] = {}
         try:
             if cfg.trace_dir is not None:
-                os.makedirs(cfg.trace_dir, exist_ok=True)
+                os.makedirs(cfg.trace_dir, mode=0o700, exist_ok=True)  # traces name every job and path read
             for remote in cfg.remotes:
                 memory, disk = cfg.tier_sizes(remote)
                 cache_dir = cfg.remote_cache_dir(remote)
@@ -144,7 +168,7 @@ class Daemon:
                 if cfg.cluster:
                     where += f", cluster tier at {parse_cluster_url(cfg.cluster).redacted()}"
                 log.info("serving %s as %r: memory %s, %s", remote.url, remote.name, format_size(memory), where)
-        except (CacheDirInUse, ValueError, ImportError, OSError) as exc:
+        except (CacheDirInUse, ValueError, ImportError, OSError) as exc:  # ENOSPC, LMDB's ENOMEM included
             for cache in caches.values():
                 cache.close()
             raise StartError(f"cannot open remote {remote.name!r} ({remote.url}): {exc}") from exc
@@ -162,8 +186,8 @@ class Daemon:
             os.umask(old_umask)
         if self.config.socket_group is not None:
             try:
-                os.chown(self.socket_path, -1, _group_id(self.config.socket_group))
-            except (KeyError, PermissionError) as exc:
+                os.chown(self.socket_path, -1, group_id(self.config.socket_group))
+            except (ValueError, PermissionError) as exc:
                 listener.close()
                 self.socket_path.unlink(missing_ok=True)
                 raise StartError(f"cannot give socket to group {self.config.socket_group!r}: {exc}") from exc
@@ -182,7 +206,7 @@ class Daemon:
         api = HttpApi(self.service)
         runner = web.AppRunner(api.app(), handle_signals=False, shutdown_timeout=self.config.grace)
         await runner.setup()
-        self._http_factory = api.connections(runner.server, loop, self.config.idle_timeout)
+        self._http_factory = api.connections(runner.server, loop, self.config.idle_timeout, self._slots.give_back)
         metrics_runner = await self._start_metrics(api)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,17 +233,18 @@ class Daemon:
         stop.set()
 
     async def _start_metrics(self, api: HttpApi) -> web.AppRunner | None:
-        if self.config.metrics_port is None:
+        if self._metrics_listener is None:
             return None
         runner = web.AppRunner(api.metrics_app(), handle_signals=False, access_log=None, shutdown_timeout=1)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.metrics_host, self.config.metrics_port)
-        await site.start()
+        await web.SockSite(runner, self._metrics_listener).start()
         log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
         return runner
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        refusals = Refusals(self._slots.limit)
+        warned = 0.0
         while True:
             try:
                 conn, _ = await loop.sock_accept(self._listener)
@@ -229,12 +254,14 @@ class Daemon:
                     await asyncio.sleep(0.1)
                     continue
                 raise
+            if not self._slots.take():
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    log.warning("%d connections open (--max-connections); refusing more", self._slots.limit)
+                refusals.refuse(conn)
+                continue
+            thread = threading.Thread(target=self._handle, args=(conn,), name="igtcache-conn", daemon=True)
             with self._conns_lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    log.warning("%d connections open; refusing another", MAX_CONNECTIONS)
-                    conn.close()
-                    continue
-                thread = threading.Thread(target=self._handle, args=(conn,), name="igtcache-conn", daemon=True)
                 self._conns[conn] = thread
             thread.start()
 
@@ -247,17 +274,14 @@ class Daemon:
             if head == MAGIC and not self._stopping:
                 conn.recv(len(MAGIC))
                 conn.sendall(MAGIC)
-                self.service.connection(+1)
-                try:
-                    serve_connection(conn, self.service, Timeouts(self.config.idle_timeout, self.config.frame_timeout))
-                finally:
-                    self.service.connection(-1)
+                serve_connection(conn, self.service, Timeouts(self.config.idle_timeout, self.config.frame_timeout))
             elif head and not MAGIC.startswith(head) and not self._stopping:
                 conn.setblocking(False)
                 with self._conns_lock:
                     self._conns.pop(conn, None)
                 handoff = self._loop.connect_accepted_socket(self._http_factory, conn)
-                asyncio.run_coroutine_threadsafe(handoff, self._loop)
+                asyncio.run_coroutine_threadsafe(handoff, self._loop).add_done_callback(
+                    lambda done: self._handed_off(conn, done))
                 handed_off = True
         except (OSError, RuntimeError):
             pass  # the client left during the handshake, or the loop is gone (shutting down)
@@ -265,7 +289,17 @@ class Daemon:
             if not handed_off:
                 with self._conns_lock:
                     self._conns.pop(conn, None)
-                conn.close()
+                self._end(conn)
+
+    def _handed_off(self, conn: socket.socket, done: concurrent.futures.Future) -> None:
+        """Once aiohttp has the connection it gives the slot back when the connection ends; if the
+        hand-off failed, that is ours to do."""
+        if done.cancelled() or done.exception() is not None:
+            self._end(conn)
+
+    def _end(self, conn: socket.socket) -> None:
+        conn.close()
+        self._slots.give_back()
 
     # ------------------------------------------------------------------ stop
 
@@ -309,6 +343,8 @@ class Daemon:
 
     def _close(self) -> None:
         self._stop_listening()
+        if self._metrics_listener is not None:
+            self._metrics_listener.close()
         if self.service is not None:
             for name, cache in self.service.caches.items():
                 try:
@@ -330,8 +366,3 @@ def _peek_head(conn: socket.socket, timeout: float) -> bytes:
             return head
         time.sleep(0.005)
 
-
-def _group_id(group: str) -> int:
-    import grp
-
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid

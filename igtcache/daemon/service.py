@@ -2,8 +2,9 @@
 
 Every argument that arrives on the socket is checked here before it reaches a
 ``Cache``: the remote must be one this daemon serves, a path may not leave its
-remote's root, offsets and sizes must be integers in range, and no read may
-return more than ``max_read`` bytes.
+remote's root, offsets and sizes must be integers in range, no read or
+prefetch may ask for more than ``max_read`` bytes, and a read's bytes count
+against the daemon's ``ResponseBudget`` until its response has left.
 """
 
 from __future__ import annotations
@@ -12,25 +13,52 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from igtcache import Cache
+from igtcache.daemon.budget import Grant, ResponseBudget
 from igtcache.errors import BadRequest, UnknownRemote
 from igtcache.remote import normalize_path
+from igtcache.remote_identity import credentials_identity
 
 MAX_PATH = 4096
 MAX_JOB = 256
 MAX_HINT = 64
 
 
-class Service:
-    """One ``Cache`` per named remote, behind checked operations."""
+class Reply:
+    """A read's bytes, as pieces to send in order, holding their share of the response budget
+    until closed (``with reply: send(reply.pieces)``)."""
 
-    def __init__(self, caches: dict[str, Cache], max_read: int) -> None:
+    def __init__(self, pieces: list[bytes | memoryview], grant: Grant) -> None:
+        self.pieces = pieces
+        self.size = sum(map(len, pieces))
+        self._grant = grant
+        grant.shrink(self.size)
+
+    def close(self) -> None:
+        self._grant.release()
+
+    def __enter__(self) -> "Reply":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Service:
+    """One ``Cache`` per named remote, behind checked operations.
+
+    ``connections`` reports the connections open and the most allowed (the server counts them).
+    """
+
+    def __init__(self, caches: dict[str, Cache], max_read: int, budget: ResponseBudget,
+                 connections: Callable[[], tuple[int, int]]) -> None:
         self.caches = caches
         self.max_read = max_read
+        self.budget = budget
+        self.connections = connections
         self.started = time.time()
-        self.connections = 0
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -38,22 +66,23 @@ class Service:
     # -------------------------------------------------------------- operations
 
     def read(self, remote: Any, path: Any, offset: Any = 0, size: Any = -1, job: Any = None,
-             hint: Any = None, *, peer_job: str) -> list[bytes | memoryview]:
+             hint: Any = None, *, peer_job: str) -> Reply:
         """Bytes of ``path`` on ``remote``, tagged with the client's ``job`` (if it names none, the
         connected process's, ``peer_job``), as pieces to send in order (views of the cached blocks:
-        ``Cache.read_pieces``)."""
+        ``Cache.read_pieces``). Waits for room in the response budget first (``TimeoutError``)."""
         cache = self._cache(remote)
         path = _path(path)
         offset = _int(offset, "offset", 0, (1 << 63) - 1)
-        size = _int(size, "size", -1, (1 << 63) - 1)
+        size = self._size(cache, path, offset, _int(size, "size", -1, (1 << 63) - 1), "read")
         job = _text(job, "job", MAX_JOB) or peer_job
         hint = _text(hint, "hint", MAX_HINT) or None
-        if size == -1:
-            size = max(0, cache.info(path)["size"] - offset)
-        if size > self.max_read:
-            raise BadRequest(f"read of {size} bytes is more than this daemon's --max-read of {self.max_read}; "
-                             "read in smaller ranges")
-        return cache.read_pieces(path, offset, size, job=job, hint=hint)
+        grant = self.budget.acquire(size)
+        try:
+            pieces = cache.read_pieces(path, offset, size, job=job, hint=hint)
+        except BaseException:
+            grant.release()
+            raise
+        return Reply(pieces, grant)
 
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """Any operation but ``read``, with JSON-able arguments and result."""
@@ -77,14 +106,17 @@ class Service:
             return None
         if op == "prefetch":
             offset = _int(args.get("offset", 0), "offset", 0, (1 << 63) - 1)
-            size = _int(args.get("size", -1), "size", -1, (1 << 63) - 1)
+            size = self._size(cache, path, offset, _int(args.get("size", -1), "size", -1, (1 << 63) - 1), "prefetch")
             return cache.prefetch(path, offset, size)
         raise BadRequest(f"unknown operation {op!r}")
 
     def stats(self) -> dict[str, Any]:
         """The daemon's own counters and every remote's ``Cache.stats()``."""
+        connections, max_connections = self.connections()
         with self._lock:
-            daemon = {"pid": os.getpid(), "uptime_s": time.time() - self.started, "connections": self.connections,
+            daemon = {"pid": os.getpid(), "uptime_s": time.time() - self.started,
+                      "connections": connections, "max_connections": max_connections,
+                      "inflight_bytes": self.budget.used, "max_inflight_bytes": self.budget.limit,
                       "requests": dict(self.requests), "errors": dict(self.errors)}
         return {"daemon": daemon, "remotes": {name: cache.stats() for name, cache in self.caches.items()}}
 
@@ -96,9 +128,14 @@ class Service:
             if error is not None:
                 self.errors[type(error).__name__] += 1
 
-    def connection(self, delta: int) -> None:
-        with self._lock:
-            self.connections += delta
+    def _size(self, cache: Cache, path: str, offset: int, size: int, what: str) -> int:
+        """A request's size (``-1``: to the end of the object), refused over ``max_read``."""
+        if size == -1:
+            size = max(0, cache.info(path)["size"] - offset)
+        if size > self.max_read:
+            raise BadRequest(f"{what} of {size} bytes is more than this daemon's --max-read of {self.max_read}; "
+                             f"{what} in smaller ranges")
+        return size
 
     def _cache(self, name: Any) -> Cache:
         if isinstance(name, str) and name in self.caches:
@@ -109,9 +146,12 @@ class Service:
 
 
 def _describe(name: str, cache: Cache) -> dict[str, Any]:
+    """What a client needs to know whether this remote is the one it means: ``identity`` (protocol,
+    root, endpoint) and ``credentials`` (a digest of who the daemon reads it as, no secret)."""
     protocol = cache.remote.fs.protocol
     protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     return {"name": name, "url": cache.remote.url, "protocols": protocols, "root": cache.remote.root.strip("/"),
+            "identity": cache.remote.identity, "credentials": credentials_identity(cache.remote.fs),
             "block_size": cache.block_size}
 
 
