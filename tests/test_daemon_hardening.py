@@ -233,7 +233,8 @@ def test_clients_refuse_a_socket_served_by_another_user_unless_told_to_trust_it(
     monkeypatch.delenv(UID_ENV, raising=False)
     theirs = Path(tempfile.mkdtemp(prefix="igt-impostor-"))  # in /tmp: where nobody can reach it
     os.chown(theirs, NOBODY, NOBODY)
-    with _impostor(theirs, NOBODY) as (sock, first_bytes):
+    with contextlib.ExitStack() as cleanup, _impostor(theirs, NOBODY) as (sock, first_bytes):
+        cleanup.callback(shutil.rmtree, theirs)
         with pytest.raises(UntrustedDaemon, match=r"runs as nobody \(uid 65534\), not as root; .* nothing was sent"):
             DaemonClient(sock)
         assert first_bytes(1) == [b""]  # it connected and sent nothing at all
@@ -254,7 +255,6 @@ def test_clients_refuse_a_socket_served_by_another_user_unless_told_to_trust_it(
         monkeypatch.setenv(UID_ENV, str(NOBODY))
         assert DaemonClient(sock).read("x.bin", 0, 8) == b"impostor"
         assert first_bytes(5) == [b"", b"", b"", P.MAGIC, P.MAGIC]  # the plugin's two looks sent nothing either
-    shutil.rmtree(theirs)
 
 
 # ---------------------------------------------------------------------- connections and timeouts
