@@ -24,6 +24,7 @@ COMMANDS = {
 BENCHMARKS = {
     "engine": "hit-path throughput of the memory and disk tiers next to a local file in page cache",
     "classify": "classifier accuracy at 32..1024 accesses, record() cost next to a dict update, tree memory",
+    "policy": "CPU per read of the tree and IGT, read by read and in batches of reported hits, next to a dict update",
     "daemon": "hit path and miss latency of the igtcache:: fsspec plugin, attached and embedded, vs local file and s3fs",
     "fuse": "sequential 1 MiB and random 4 KiB reads through the FUSE mount on cached data, next to a local file",
     "lora": "multi-LoRA serving: dependency tree + cost model vs vLLM- and S-LoRA-style pools (KV hit, TTFT)",

@@ -18,6 +18,11 @@ and the counts:
 3. :meth:`finish` counts the read: a hit when every block was resident at
    plan time; its hit bytes are the requested bytes in those blocks.
 
+Hits that clients served themselves reach :meth:`ReadDriver.record_hits` in
+batches: the tree, the policy and the counts see them as they see planned
+hits, grouped per batch, and the policy's readahead is issued after each
+reader's last read.
+
 Prefetch accounting: a prefetched block read while resident is *used*; one a
 read needed while it was still in flight is *late* (and used); one evicted or
 declined before any read is *wasted*. Remote bytes and prefetch figures are
@@ -32,10 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
+
 from igtcache.policies import Access, BlockKey, Policy
-from igtcache.residency import Residency, block_length
+from igtcache.residency import AccessBatch, Residency, block_length
 from igtcache.stats import JobCounters
-from igtcache.stream_tree import AccessStreamTree
+from igtcache.stream_tree import AccessStreamTree, Groups
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,35 @@ class ReadDriver:
         if readahead:
             plan.fetches += self.readahead(placed.access)
         return plan
+
+    def record_hits(self, batch: AccessBatch, *, readahead: bool = True) -> list[Fetch]:
+        """Account reads that a client served from the cache itself, in the order served.
+
+        Each counts as a hit, as a planned read whose blocks were all resident
+        would; a block that has left the cache since is not fetched again.
+        Returns the readahead the policy wants after each reader's (object
+        and job's) last read in the batch (``readahead=False``: none), for
+        the caller to start.
+        """
+        blocks = self.residency.observe_batch(batch)
+        touched = blocks.last >= blocks.first
+        reads = np.bincount(batch.job[touched], minlength=len(batch.jobs)).tolist()
+        nbytes = np.bincount(batch.job[touched], weights=batch.size[touched], minlength=len(batch.jobs))
+        for job, n, b in zip(batch.jobs, reads, nbytes.astype(np.int64).tolist()):
+            if n:
+                for name, value in (("reads", n), ("hits", n), ("bytes_requested", b), ("bytes_from_cache", b)):
+                    self.counters.count(job, name, value)
+        if self.unread:
+            for key in blocks.keys:
+                self._read_resident(key)
+        if not readahead:
+            return []
+        fetches = []
+        readers = Groups(batch.obj * len(batch.jobs) + batch.job)
+        for i in np.sort(readers.lasts).tolist():
+            if batch.objects[batch.obj[i]].size > self.block_size:  # a one-block object has nothing ahead
+                fetches += self.readahead(self.residency.batch_access(batch, blocks, i))
+        return fetches
 
     def readahead(self, access: Access) -> list[Fetch]:
         """Issue the blocks the policy wants fetched ahead of ``access``."""

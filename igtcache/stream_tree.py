@@ -20,6 +20,9 @@ A stream is re-classified (:func:`igtcache.patterns.analyze`) when its visit
 count reaches 8, 16, 32, ... up to ``window``, then every ``window // 2``
 visits, over the ring only -- never the whole history -- so ``record`` is
 amortized O(1) and a label follows a change within about ``window`` visits.
+:meth:`AccessStreamTree.record_many` takes a batch of reads (hits that
+clients report) with array operations per stream rather than per read, and
+classifies a stream at most once per batch.
 
 Nodes are kept in least-recently-touched order and the coldest are pruned
 while the tree holds more than ``max_nodes`` (the root aside). A record
@@ -35,7 +38,7 @@ import heapq
 import time
 from array import array
 from collections import OrderedDict, deque
-from typing import Hashable, NamedTuple
+from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,6 +49,55 @@ DIR_RECENT = 8
 
 _ROOT, _DIR, _FILE, _REGION = "root", "dir", "file", "region"
 _UNSEEN = Verdict(Pattern.UNKNOWN, 0)
+
+
+def stable_order(ids: np.ndarray) -> np.ndarray:
+    """``np.argsort(ids, kind="stable")`` for non-negative ids, fast for a batch's.
+
+    NumPy sorts 16-bit keys stably by radix sort, ten times faster than
+    int64 ones; larger ids get their position appended, which makes any
+    sort stable.
+    """
+    n = len(ids)
+    if not n or int(ids.max()) < 1 << 16:
+        return np.argsort(ids.astype(np.uint16), kind="stable")
+    return np.sort(ids * n + np.arange(n)) % n
+
+
+class Groups:
+    """Positions ``0..n-1`` grouped by ``ids``: ``order`` lists them by id, stably, and
+    group ``g`` (of id ``ids[g]``, ascending) is ``order[starts[g]:ends[g]]``;
+    ``of`` is each position's group."""
+
+    __slots__ = ("order", "starts", "ends", "ids", "of")
+
+    def __init__(self, ids: np.ndarray) -> None:
+        n = len(ids)
+        self.order = stable_order(ids)
+        ordered = ids[self.order]
+        self.starts = np.flatnonzero(np.concatenate(([n > 0], ordered[1:] != ordered[:-1])))
+        self.ends = np.append(self.starts[1:], n)[:len(self.starts)]
+        self.ids = ordered[self.starts]
+        self.of = self.unsort(np.repeat(np.arange(len(self.starts)), self.ends - self.starts))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def firsts(self) -> np.ndarray:
+        """Each group's first position."""
+        return self.order[self.starts]
+
+    @property
+    def lasts(self) -> np.ndarray:
+        """Each group's last position."""
+        return self.order[self.ends - 1]
+
+    def unsort(self, values: np.ndarray) -> np.ndarray:
+        """``values`` given in ``order``, put back by position."""
+        out = np.empty_like(values)
+        out[self.order] = values
+        return out
 
 
 class Level(NamedTuple):
@@ -98,13 +150,14 @@ class _Stream:
 class _Node:
     """A directory, file or region: children by name (regions by index) and streams by job."""
 
-    __slots__ = ("name", "path", "key", "kind", "parent", "children", "streams")
+    __slots__ = ("name", "path", "key", "kind", "parent", "depth", "children", "streams")
 
     def __init__(self, name: str | int, path: str, kind: str, parent: _Node | None) -> None:
         self.name = name
         self.path = path
         self.kind = kind
         self.parent = parent
+        self.depth = 0 if parent is None else parent.depth + 1
         self.key: Hashable = (path, name) if kind is _REGION else path
         self.children: dict | None = {} if kind in (_DIR, _ROOT) else None
         self.streams: dict[Hashable, _Stream] = {}
@@ -199,6 +252,193 @@ class AccessStreamTree:
         if len(nodes) > self.max_nodes:
             self._prune()
 
+    def record_many(self, paths: Sequence[str], jobs: Sequence[Hashable], obj: np.ndarray, job: np.ndarray,
+                    offset: np.ndarray, size: np.ndarray, ts: np.ndarray) -> None:
+        """Account reads in order: read ``i`` is ``size[i]`` bytes at ``offset[i]`` of
+        ``paths[obj[i]]``, by ``jobs[job[i]]`` at time ``ts[i]``.
+
+        What :meth:`record` does read by read, grouped by stream: a stream is
+        classified at most once per call (over its ring after its last read),
+        and the nodes' recency order and pruning are brought up to date at
+        the end.
+        """
+        n = len(obj)
+        if not n:
+            return
+        stamps = ts.tolist()
+        reads = np.arange(n)
+        deep = np.full(len(paths), n)  # an object's first read past its first block
+        np.minimum.at(deep, obj[offset >= self.block_size], reads[offset >= self.block_size])
+        far = np.full(len(paths), n)  # and past its first region
+        np.minimum.at(far, obj[offset >= self.region_size], reads[offset >= self.region_size])
+        parent_of = np.full(len(paths), -1)  # an object's directory in `parents`; -1: not recorded
+        name_of = np.zeros(len(paths), dtype=np.int64)  # its name in `names`
+        leaf_of = np.full(len(paths), -1)  # its file node in `leaves`
+        parents: dict[_Node, int] = {}
+        names: dict[str, int] = {}
+        leaves: dict[_Node, int] = {}
+        deeps, fars = deep.tolist(), far.tolist()
+        for o in np.flatnonzero(np.bincount(obj, minlength=len(paths))).tolist():
+            found = self._file_of(paths[o], deeps[o], n)
+            if found is None:
+                continue
+            parent, name, leaf, since = found
+            parent_of[o] = parents.setdefault(parent, len(parents))
+            name_of[o] = names.setdefault(name, len(names))
+            if leaf is not None:
+                leaf_of[o] = leaves.setdefault(leaf, len(leaves))
+                deep[o] = since
+                far[o] = 0 if leaf.children is not None else fars[o]
+        touched: dict[_Node, tuple[int, int]] = {}  # node -> (its last read, -depth): the recency order
+        if leaves:
+            self._visit_files_many(list(leaves), leaf_of[obj], deep[obj], far[obj], jobs, job, offset, size,
+                                   stamps, touched)
+        if parents:
+            self._visit_dirs_many(list(parents), parent_of[obj], name_of[obj], names, jobs, job, offset, size,
+                                  stamps, touched)
+        nodes = self._nodes
+        for node in sorted(touched, key=touched.__getitem__):
+            if nodes.get(node.key) is node:
+                nodes.move_to_end(node.key)
+        if len(nodes) > self.max_nodes:
+            self._prune()
+
+    def _file_of(self, path: str, deep: int, none: int) -> tuple[_Node, str, _Node | None, int] | None:
+        """Where reads of ``path`` land, given ``deep``, its first read past the first
+        block (``none``: no such read): its directory, its name, its file node
+        (created by that read) and the first read that visits it (``none``: no
+        file node).
+
+        ``None`` when they are not recorded (an empty path, or a directory).
+        """
+        node = self._nodes.get(path)
+        if node is not None and node.kind is _FILE:
+            return node.parent, node.name, node, 0
+        parent, name = self._parent(path)
+        if parent is None:
+            return None
+        node = parent.children.get(name)
+        if node is not None:
+            return (parent, name, node, 0) if node.kind is _FILE else None
+        if deep == none:
+            return parent, name, None, none
+        return parent, name, self._child(parent, name, _FILE), deep
+
+    def _visit_files_many(self, leaves: list[_Node], read_leaf: np.ndarray, since: np.ndarray, far: np.ndarray,
+                          jobs: Sequence[Hashable], job: np.ndarray, offset: np.ndarray, size: np.ndarray,
+                          stamps: list[float], touched: dict) -> None:
+        """The block visits of a batch at file and region nodes: read ``i`` visits file
+        ``leaves[read_leaf[i]]`` from read ``since[i]`` on, and its region from
+        read ``far[i]`` on."""
+        reads = np.arange(len(read_leaf))
+        visits = np.flatnonzero((read_leaf >= 0) & (reads >= since))
+        in_region = visits[visits >= far[visits]]
+        spans = 1 + int(offset.max()) // self.region_size
+        regions = Groups(read_leaf[in_region] * spans + offset[in_region] // self.region_size)
+        nodes = leaves + [self._region(leaves[c // spans], c % spans) for c in regions.ids.tolist()]
+        node = np.concatenate((read_leaf[visits], len(leaves) + regions.of))
+        self._visit_blocks_many(nodes, node, np.concatenate((visits, in_region)), jobs, job,
+                                offset // self.block_size, size, stamps, touched)
+
+    def _visit_blocks_many(self, nodes: list[_Node], node: np.ndarray, read: np.ndarray, jobs: Sequence[Hashable],
+                           job: np.ndarray, block: np.ndarray, size: np.ndarray, stamps: list[float],
+                           touched: dict) -> None:
+        """Visits of read ``read[i]`` to block ``block[read[i]]`` at ``nodes[node[i]]``."""
+        streams = Groups(node * len(jobs) + job[read])
+        read, starts, ends = read[streams.order], streams.starts, streams.ends
+        blocks = block[read]
+        new = np.concatenate(([False], blocks[1:] != blocks[:-1]))  # a visit, past each stream's first read
+        new[starts] = True
+        pushed = blocks[new].tolist()
+        bounds = np.cumsum(new)[ends - 1].tolist()
+        firsts, lasts = read[starts].tolist(), read[ends - 1].tolist()
+        counts, nbytes = (ends - starts).tolist(), np.add.reduceat(size[read], starts).tolist()
+        lo = 0
+        for g, code in enumerate(streams.ids.tolist()):
+            at, stream_job = nodes[code // len(jobs)], jobs[code % len(jobs)]
+            visited = at.streams.get(stream_job)
+            if visited is None:
+                visited = self._new_stream(at, stream_job, int(size[firsts[g]]), stamps[firsts[g]])
+            visited.accesses += counts[g]
+            visited.nbytes += nbytes[g]
+            visited.last_ts = stamps[lasts[g]]
+            items = pushed[lo:bounds[g]]
+            lo = bounds[g]
+            if items[0] == visited.last:  # the stream was still in this block
+                items = items[1:]
+            if items:
+                visited.last = items[-1]
+                self._push_many(visited, items, False)
+            touched[at] = max(touched.get(at, (-1, 0)), (lasts[g], -at.depth))
+
+    def _visit_dirs_many(self, parents: list[_Node], read_parent: np.ndarray, read_name: np.ndarray,
+                         names: dict[str, int], jobs: Sequence[Hashable], job: np.ndarray, offset: np.ndarray,
+                         size: np.ndarray, stamps: list[float], touched: dict) -> None:
+        """The directory visits of a batch, level by level from the root.
+
+        At each level the reads are ordered by directory and job (stably), and
+        runs of one child collapse into one candidate visit, restarting if
+        any of the run's reads is at offset 0: within a run, the first read
+        the rule lets in makes the child the stream's ``last``, which stops
+        the rest.
+        """
+        chains = [self._chain(p) for p in parents]
+        depth = np.array([len(c) - 1 for c in chains])
+        recorded = np.flatnonzero(read_parent >= 0)
+        read_parent, read_name, job = read_parent[recorded], read_name[recorded], job[recorded]
+        read_depth = depth[read_parent]
+        for level in range(int(depth.max()) + 1):
+            at = read_depth >= level
+            sel, sel_parent, sel_depth = recorded[at], read_parent[at], read_depth[at]
+            level_nodes: dict[_Node, int] = {}
+            node_of = np.array([level_nodes.setdefault(c[level], len(level_nodes)) if len(c) > level else -1
+                                for c in chains])
+            child_of = np.array([names.setdefault(c[level + 1].name, len(names)) if len(c) > level + 1 else -1
+                                 for c in chains])
+            streams = Groups(node_of[sel_parent] * len(jobs) + job[at])
+            o, starts, ends = streams.order, streams.starts, streams.ends
+            keys = np.where(sel_depth > level, child_of[sel_parent], read_name[at])[o]
+            restart = ((sel_depth == level) & (offset[sel] == 0))[o]
+            sel = sel[o]
+            new_run = np.concatenate(([True], keys[1:] != keys[:-1]))
+            new_run[starts] = True
+            run_starts = np.flatnonzero(new_run)
+            run_keys = keys[run_starts].tolist()
+            run_restart = np.logical_or.reduceat(restart, run_starts).tolist()
+            bounds = [*np.searchsorted(run_starts, starts).tolist(), len(run_starts)]
+            counts = (ends - starts).tolist()
+            nbytes = np.add.reduceat(size[sel], starts).tolist()
+            firsts, lasts = sel[starts].tolist(), sel[ends - 1].tolist()
+            nodes, by_id = list(level_nodes), list(names)
+            for g, code in enumerate(streams.ids.tolist()):
+                dir_node, stream_job = nodes[code // len(jobs)], jobs[code % len(jobs)]
+                dir_stream = dir_node.streams.get(stream_job)
+                if dir_stream is None:
+                    dir_stream = self._new_stream(dir_node, stream_job, int(size[firsts[g]]), stamps[firsts[g]])
+                dir_stream.accesses += counts[g]
+                dir_stream.nbytes += nbytes[g]
+                dir_stream.last_ts = stamps[lasts[g]]
+                last, recent, pushed = dir_stream.last, dir_stream.recent, []
+                for key, restarted in zip(run_keys[bounds[g]:bounds[g + 1]], run_restart[bounds[g]:bounds[g + 1]]):
+                    child = by_id[key]
+                    if child != last and (restarted or child not in recent):
+                        last = child
+                        recent.append(child)
+                        pushed.append(child)
+                dir_stream.last = last
+                self._push_many(dir_stream, pushed, True)
+                if dir_node.kind is _DIR:
+                    touched[dir_node] = max(touched.get(dir_node, (-1, 0)), (lasts[g], -dir_node.depth))
+
+    @staticmethod
+    def _chain(node: _Node) -> list[_Node]:
+        """The nodes from the root down to ``node``."""
+        chain = []
+        while node is not None:
+            chain.append(node)
+            node = node.parent
+        return chain[::-1]
+
     def _visit_file(self, node: _Node, job: Hashable, offset: int, size: int, ts: float) -> None:
         block = offset // self.block_size
         if node.children is not None or offset >= self.region_size:
@@ -230,17 +470,45 @@ class AccessStreamTree:
         if stream.visits >= stream.next_eval:
             self._evaluate(stream, directory)
 
-    def _evaluate(self, stream: _Stream, directory: bool) -> None:
-        """Re-classify ``stream`` from its ring and refresh its rates."""
-        visits = stream.ordered()
+    def _push_many(self, stream: _Stream, items: list, directory: bool) -> None:
+        """:meth:`_push` each of ``items``, classifying at most once, after the last."""
+        if not items:
+            return
+        ring, window = stream.items, self.window
+        stream.visits += len(items)
+        room = window - len(ring)
+        if room > 0:
+            ring.extend(items[:room])
+            items = items[room:]
+        if items:
+            tail = items[-window:]
+            start = (stream.pos + len(items) - len(tail)) % window
+            head = min(len(tail), window - start)
+            wrap = list if directory else (lambda part: array("q", part))
+            ring[start:start + head] = wrap(tail[:head])
+            ring[:len(tail) - head] = wrap(tail[head:])
+            stream.pos = (stream.pos + len(items)) % window
+        if stream.visits >= stream.next_eval:
+            # While the ring fills, read by read it was last classified at the last threshold
+            # passed (8, 16, 32, ...), over the visits up to it: so here too.
+            upto = None
+            if stream.visits < window:
+                upto = stream.next_eval
+                while 2 * upto <= stream.visits:
+                    upto *= 2
+            self._evaluate(stream, directory, upto)
+
+    def _evaluate(self, stream: _Stream, directory: bool, upto: int | None = None) -> None:
+        """Re-classify ``stream`` from its ring (its first ``upto`` visits) and refresh its rates."""
+        visits = stream.ordered()[:upto]
         if directory:
             rank = {k: i for i, k in enumerate(sorted(set(visits)))}
             visits = np.fromiter((rank[k] for k in visits), dtype=np.int64, count=len(visits))
         verdict = analyze(visits, self.alpha)
+        n = upto or stream.visits
         if verdict.label is not stream.verdict.label:
-            stream.changed_ts, stream.changed_at = stream.last_ts, stream.visits
+            stream.changed_ts, stream.changed_at = stream.last_ts, n
         stream.verdict = verdict
-        n = stream.visits
         stream.next_eval = 2 * n if n < self.window else n + self._period
         dt = stream.last_ts - stream.mark_ts
         if dt > 0:
@@ -342,15 +610,10 @@ class AccessStreamTree:
 
         Stops at the deepest node the tree holds (a one-block file has none).
         """
-        path = path.strip("/")
-        node = self._node(path, offset)
-        while node is None:
-            path = path.rpartition("/")[0]
-            node = self._node(path)
+        node = self._deepest(path, offset)
         chain = []
         while node is not None:
-            region = node.name if node.kind is _REGION else None
-            chain.append(Level(node.path, node.kind, region, self._label(node, job)))
+            chain.append(self._level(node, self._label(node, job)))
             node = node.parent
         return chain[::-1]
 
@@ -365,11 +628,42 @@ class AccessStreamTree:
         region (skewed). With no definite label anywhere, the deepest node
         the tree holds.
         """
-        chain = self.levels(path, job, offset)[::-1]
-        i = next((k for k, lv in enumerate(chain) if lv.label is not Pattern.UNKNOWN), 0)
-        while i + 1 < len(chain) and chain[i + 1].label is Pattern.SEQUENTIAL:
-            i += 1
-        return chain[i]
+        leaf = node = self._deepest(path, offset)
+        label = self._label(node, job)
+        while label is Pattern.UNKNOWN and node.parent is not None:
+            node = node.parent
+            label = self._label(node, job)
+        if label is Pattern.UNKNOWN:
+            node = leaf
+        while node.parent is not None and self._label(node.parent, job) is Pattern.SEQUENTIAL:
+            node, label = node.parent, Pattern.SEQUENTIAL
+        return self._level(node, label)
+
+    def climb(self, level: Level, job: Hashable, label: Pattern) -> Level:
+        """The highest ancestor of ``level`` below the root that ``level`` reaches
+        through ancestors labelled ``label`` for ``job`` (else ``level`` itself)."""
+        node = self._node(level.path)
+        if node is not None and level.region is not None:
+            node = (node.children or {}).get(level.region)
+        if node is None:
+            return level
+        top = node
+        while top.parent is not None and top.parent.parent is not None and self._label(top.parent, job) is label:
+            top = top.parent
+        return level if top is node else self._level(top, label)
+
+    def _deepest(self, path: str, offset: int | None) -> _Node:
+        """The deepest node the tree holds along ``path`` (down to the region of ``offset``)."""
+        path = path.strip("/")
+        node = self._node(path, offset)
+        while node is None:
+            path = path.rpartition("/")[0]
+            node = self._node(path)
+        return node
+
+    @staticmethod
+    def _level(node: _Node, label: Pattern) -> Level:
+        return Level(node.path, node.kind, node.name if node.kind is _REGION else None, label)
 
     def info(self, path: str, job: Hashable = None, offset: int | None = None) -> dict | None:
         """The :meth:`streams` entry of one stream (``job`` exactly), or ``None``."""

@@ -28,7 +28,8 @@ one comparison (docs/igt.md has the full design).
   not yet read, and the block a scan is partway through, are *protected*
   (evicted only when nothing else is left) within a share of capacity.
 
-Values are refreshed every few hundred reads (:meth:`IGT._rebalance`).
+Values are refreshed every few hundred reads (:meth:`IGT._rebalance`). Hits
+that clients serve themselves arrive in batches (:meth:`IGT.observe_many`).
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable, Sequence
+
+import numpy as np
 
 from igtcache.patterns import Pattern
+from igtcache.stream_tree import Groups, stable_order
 
 from .arc import ARC
 from .base import Access, BlockKey, Policy
+from .igt_batch import advance_readers, last_true
 from .igt_readahead import Reader, Readahead
 from .igt_streams import Clock, History, Stream, silent
+
+if TYPE_CHECKING:
+    from igtcache.residency import AccessBatch, BatchBlocks
 
 #: Shortest aging period (ticks); it also grows with the resident blocks.
 MIN_AGING_PERIOD = 1024
@@ -79,6 +87,8 @@ MAX_JOBS = 4096
 _PROTECTED, _UNIFORM, _SKEWED, _POOL = range(4)
 _NO_REGION = 1 << 62
 _HINTS = {p.value: p for p in Pattern}
+_LABELS = list(Pattern)  # a label's code in the batch path is its index here
+_CODES = {label: code for code, label in enumerate(_LABELS)}
 
 
 class _Resident:
@@ -167,32 +177,45 @@ class IGT(Policy):
         if clock.tick >= self._next_rebalance:
             self._rebalance()
         bs = access.block_size
-        if bs != self._block_size:
-            self._block_size = bs
-            self._history.max_blocks = max(HISTORY_MIN, HISTORY_PER_BLOCK * self.capacity // bs)
+        self._use_block_size(bs)
         reader = self._reader(access)
-        stream = reader.stream
+        stream = self._stream_of(access, reader)
+        if reader is None:  # a whole read of an object without a reader: no scan, no partial block
+            self._visit_blocks(access, stream)
+            return
         end = min(access.offset + access.size, access.object_size)
         partial = None
         if reader.sequential and end < access.object_size and end % bs:
             partial = BlockKey(access.path, access.version, access.last_block)
         if reader.current is not None and reader.current != partial:
             self._unpin(reader)
+        self._visit_blocks(access, stream, reader, partial)
+        if access.last_block >= access.first_block:
+            reader.last_block = access.last_block
+        reader.end = end
+        if partial is not None:
+            reader.current = partial
+            self._pinned[partial] = reader
 
+    def _visit_blocks(self, access: Access, stream: Stream, reader: Reader | None = None,
+                      partial: BlockKey | None = None) -> None:
+        """The history visits and resident-block uses of one read."""
+        clock, bs = self._clock, access.block_size
         history, blocks = self._history, self._blocks
         for index in access.blocks:
             key = BlockKey(access.path, access.version, index)
             seen = history.visit(key, stream, min(bs, access.object_size - index * bs), clock)
             if seen is None:
                 reuse = False
-            elif index == reader.last_block and reader.run >= 2:  # a scan still in its block: same visit
-                reuse = reader.reuse_visit
+            elif reader is not None and index == reader.last_block and reader.run >= 2:
+                reuse = reader.reuse_visit  # a scan still in its block: the same visit
             else:
                 reuse = True
                 seen.visited(clock)
             if reuse:
                 stream.reused(clock)
-            reader.reuse_visit = reuse
+            if reader is not None:
+                reader.reuse_visit = reuse
             blk = blocks.get(key)
             if blk is not None:
                 self._used(key, blk, stream, reader, key == partial)
@@ -200,12 +223,25 @@ class IGT(Policy):
                 request = self._requested.get(key)
                 if request is not None:
                     request.read = True
-        if access.last_block >= access.first_block:
-            reader.last_block = access.last_block
-        reader.end = end
-        if partial is not None:
-            reader.current = partial
-            self._pinned[partial] = reader
+
+    def observe_many(self, batch: AccessBatch, blocks: BatchBlocks) -> None:
+        """:meth:`observe` for a batch of reads (hits that clients report), grouped
+        per reader, stream and block, so that a read costs a few array steps.
+
+        Read by read would differ in this: the tree's labels are those after
+        the batch; stream values are refreshed at most once per aging epoch
+        the batch spans; a block is placed as its last read in the batch
+        says, and only each reader's last partial block is pinned.
+        """
+        self._use_block_size(blocks.block_size)
+        clock, start = self._clock, 0
+        while start < len(batch):
+            clock.advance(max(MIN_AGING_PERIOD, AGING_PER_BLOCK * len(self._blocks)))
+            if clock.tick >= self._next_rebalance:
+                self._rebalance()
+            stop = start + 1 + clock.advance_in_epoch(len(batch) - start - 1)
+            self._observe_chunk(batch, blocks, start, stop)
+            start = stop
 
     def touch(self, key: Hashable) -> None:
         pass  # observe() has already accounted every block of the read
@@ -355,13 +391,235 @@ class IGT(Policy):
             out.append(f"igt: protected bytes {self._protected_bytes} != {protected}")
         return out + [f"igt pool: {v}" for v in self._pool.violations()]
 
+    # -- batches -------------------------------------------------------------
+
+    def _observe_chunk(self, batch: AccessBatch, blocks: BatchBlocks, start: int, stop: int) -> None:
+        """Reads ``start:stop`` of a batch, all in the clock's epoch, the last at its tick."""
+        n, objects = stop - start, batch.objects
+        obj, job, offset = batch.obj[start:stop], batch.job[start:stop], batch.offset[start:stop]
+        first, last, end = blocks.first[start:stop], blocks.last[start:stop], blocks.end[start:stop]
+        ticks = self._clock.tick - (n - 1) + np.arange(n)
+
+        # Readers, one per (path, job): an object's versions and hints share one.
+        paths: dict[str, int] = {}
+        path_of = np.array([paths.setdefault(o.path, len(paths)) for o in objects], dtype=np.intp)
+        by_reader = Groups(path_of[obj] * len(batch.jobs) + job)
+        order, group, heads = by_reader.order, by_reader.of, by_reader.firsts
+        rkeys = [(objects[o].path, batch.jobs[j]) for o, j in zip(obj[heads].tolist(), job[heads].tolist())]
+        whole = (offset == 0) & (end == blocks.object_size[start:stop])
+        readers = self._readers_of(rkeys, np.logical_and.reduceat(whole[order], by_reader.starts).tolist())
+        steps = advance_readers(readers, by_reader.starts, offset[order], batch.size[start:stop][order],
+                                batch.ts[start:stop][order], end[order], first[order], last[order])
+        run, contiguous, rate, continues = (by_reader.unsort(a) for a in steps)
+        tails = by_reader.lasts.tolist()  # each reader's last read
+        scanning = self._scan_many(batch.jobs, job, run, contiguous, rate, offset)
+        hints = [objects[o].hint for o in obj[heads].tolist()]
+        runs, offsets = run.tolist(), offset.tolist()
+        sequential = [hint != "random" and (runs[t] >= 2 or hint == "sequential"
+                                            or (offsets[t] == 0 and scanning[t]))
+                      for hint, t in zip(hints, tails)]
+        multi = blocks.object_size[start:stop] > blocks.block_size
+        streams, stream, label = self._streams_many(rkeys, hints, by_reader, offset, multi, run, ticks)
+
+        # Blocks: every (read, block) pair of the chunk, and the distinct blocks in it.
+        p0, p1 = np.searchsorted(blocks.pair_read, (start, stop)).tolist()
+        pair_read, pair_key = blocks.pair_read[p0:p1] - start, blocks.pair_key[p0:p1]
+        partials = self._partials(readers, objects, obj, tails, sequential, end, last, blocks.block_size)
+        if len(pair_read):
+            self._visit_many(blocks, pair_read, pair_key, group, stream, label, ticks, continues, streams,
+                             readers, partials)
+        self._finish_readers(rkeys, readers, tails, sequential, streams, stream, ticks, partials)
+
+    def _visit_many(self, blocks: BatchBlocks, pair_read: np.ndarray, pair_key: np.ndarray,
+                    group: np.ndarray, stream: np.ndarray, label: np.ndarray, ticks: np.ndarray,
+                    continues: np.ndarray, streams: list[Stream], readers: list[Reader | None],
+                    partials: list[BlockKey | None]) -> None:
+        """The history visits and resident-block uses of a chunk's (read, block) pairs:
+        each distinct block once, in the order of last use, as its last read says."""
+        pairs, clock = len(pair_key), self._clock
+        by_key = Groups(pair_key)
+        by_last = stable_order(by_key.lasts)  # the distinct blocks, numbered in the order of last use
+        rank = np.empty_like(by_last)
+        rank[by_last] = np.arange(len(by_last))
+        uniq, key_first, key_of = by_key.ids[by_last], by_key.firsts[by_last], rank[by_key.of]
+        key_reads = (by_key.ends - by_key.starts)[by_last]
+        last_read = pair_read[by_key.lasts[by_last]]
+        keys = [blocks.keys[k] for k in uniq.tolist()]
+        entries = self._history.entries(keys)
+        seen = np.ones(pairs, dtype=bool)  # seen before: in the history, or earlier in the chunk
+        seen[key_first] = [e is not None for e in entries]
+        cont = np.zeros(pairs, dtype=bool)  # a read's first pair, in the block its reader is still in
+        cont[np.flatnonzero(np.diff(pair_read, prepend=-1))] = True
+        cont &= continues[pair_read]
+        reuse = self._reuse_many(readers, group[pair_read], cont, seen)
+        reused = np.bincount(stream[pair_read], weights=reuse, minlength=len(streams)).astype(np.int64)
+        for s, count in zip(streams, reused.tolist()):
+            if count:
+                s.reused(clock, count)
+        revisits = np.bincount(key_of, weights=~cont & seen, minlength=len(keys)).astype(np.int64)
+        owners = [streams[s] for s in stream[last_read].tolist()]
+        self._history.visit_many(keys, entries, owners, blocks.length[uniq].tolist(), revisits.tolist(), clock)
+        self._use_many(keys, owners, label[last_read].tolist(), group[last_read].tolist(),
+                       key_reads.tolist(), ticks[last_read].tolist(), readers, partials, streams)
+
+    def _readers_of(self, rkeys: list[tuple[str, Hashable]], whole: list[bool]) -> list[Reader | None]:
+        """The reader of each (path, job), created as needed; ``None`` where there is
+        none and every read is whole (see :meth:`_reader`)."""
+        readers = []
+        for rkey, all_whole in zip(rkeys, whole):
+            reader = self._readers.get(rkey)
+            if reader is None and not all_whole:
+                reader = self._readers[rkey] = Reader()
+            readers.append(reader)
+        return readers
+
+    def _scan_many(self, jobs: Sequence[Hashable], job: np.ndarray, run: np.ndarray, contiguous: np.ndarray,
+                   rate: np.ndarray, offset: np.ndarray) -> list[bool]:
+        """``_scanning`` through a chunk: per read, whether its job counts as a scanner after it."""
+        begins = run >= 2
+        events = begins | (~contiguous & (offset != 0))  # a scan goes on, or a jump inside an object
+        by_job = Groups(job)
+        order, starts, lengths = by_job.order, by_job.starts, by_job.ends - by_job.starts
+        event = last_true(events[order], np.repeat(starts, lengths))
+        was = np.repeat([jobs[j] in self._scanning for j in by_job.ids.tolist()], lengths)
+        after = by_job.unsort(np.where(event >= 0, begins[order][event], was))
+        for j, e in zip(by_job.ids.tolist(), event[by_job.ends - 1].tolist()):
+            if e < 0:
+                continue
+            e = int(order[e])
+            if begins[e]:
+                if len(self._scanning) >= MAX_JOBS and jobs[j] not in self._scanning:
+                    self._scanning.clear()
+                self._scanning[jobs[j]] = None if np.isnan(rate[e]) else float(rate[e])
+            else:
+                self._scanning.pop(jobs[j], None)
+        return after.tolist()
+
+    def _streams_many(self, rkeys: list[tuple[str, Hashable]], hints: list[str | None], readers: Groups,
+                      offset: np.ndarray, multi: np.ndarray, run: np.ndarray, ticks: np.ndarray
+                      ) -> tuple[list[Stream], np.ndarray, np.ndarray]:
+        """The streams of a chunk's reads, each of them read: the streams, and per
+        read the index of its stream and the code of its label."""
+        # A read's act level cache entry: (path, or directory of a one-block object; job; region).
+        group = readers.of
+        region = np.where(multi, offset // getattr(self._tree, "region_size", _NO_REGION), -1)
+        bases: dict[tuple, int] = {}
+        base = np.array([bases.setdefault((path if m else path.rpartition("/")[0], job), len(bases))
+                         for (path, job), m in zip(rkeys, multi[readers.firsts].tolist())])
+        entries = Groups(base[group] * (int(region.max()) + 2) + region + 1)
+        entry_of, last = entries.of, entries.lasts.tolist()
+        deep = (np.bincount(entry_of, weights=offset >= self._block_size, minlength=len(entries)) > 0).tolist()
+        entry_reads = (entries.ends - entries.starts).tolist()
+        keys: dict[Hashable, int] = {}
+        entry_stream = np.empty(len(entries), dtype=np.intp)
+        entry_label = np.empty(len(entries), dtype=np.intp)
+        for e, (t, reads) in enumerate(zip(last, entry_reads)):
+            path, job = rkeys[group[t]]
+            key, found = self._level_of(path, job, int(offset[t]), bool(multi[t]), deep[e], reads)
+            entry_stream[e] = keys.setdefault(key, len(keys))
+            entry_label[e] = _CODES[found]
+        stream, label = entry_stream[entry_of], entry_label[entry_of]
+        hint = np.array([_CODES[_HINTS.get(h, Pattern.UNKNOWN)] for h in hints])[group]
+        label = np.where(label != _CODES[Pattern.UNKNOWN], label,
+                         np.where(run >= 2, _CODES[Pattern.SEQUENTIAL], hint))
+        streams = []
+        by_stream = Groups(stream)
+        for key, t, reads in zip(keys, by_stream.lasts.tolist(), (by_stream.ends - by_stream.starts).tolist()):
+            streams.append(self._stream(key, _LABELS[label[t]]))
+            streams[-1].read(self._clock, reads, int(ticks[t]))
+        return streams, stream, label
+
+    def _reuse_many(self, readers: list[Reader | None], reader_of: np.ndarray, cont: np.ndarray,
+                    seen: np.ndarray) -> np.ndarray:
+        """Per (read, block) pair, whether it is a reuse: a block seen before, unless it
+        continues its reader's visit, which keeps that visit's answer. Leaves each
+        reader's ``reuse_visit`` as after its last pair."""
+        by_reader = Groups(reader_of)
+        order, starts, ends = by_reader.order, by_reader.starts, by_reader.ends
+        origin = last_true(~cont[order], np.repeat(starts, ends - starts))
+        carried = np.array([r is not None and r.reuse_visit for r in readers], dtype=bool)[reader_of[order]]
+        ordered = np.where(origin >= 0, seen[order][origin], carried)
+        for g, value in zip(by_reader.ids.tolist(), ordered[ends - 1].tolist()):
+            if readers[g] is not None:
+                readers[g].reuse_visit = value
+        return by_reader.unsort(ordered)
+
+    def _partials(self, readers: list[Reader | None], objects, obj: np.ndarray, tails: list[int],
+                  sequential: list[bool], end: np.ndarray, last: np.ndarray, bs: int) -> list[BlockKey | None]:
+        """Each reader's partial block after its last read (to pin), unpinning the one it leaves."""
+        partials = []
+        for reader, t, seq in zip(readers, tails, sequential):
+            partial = None
+            if reader is not None:
+                o, stop = objects[obj[t]], int(end[t])
+                if seq and stop < o.size and stop % bs:
+                    partial = BlockKey(o.path, o.version, int(last[t]))
+                if reader.current is not None and reader.current != partial:
+                    self._unpin(reader)
+            partials.append(partial)
+        return partials
+
+    def _use_many(self, keys: list[BlockKey], owners: list[Stream], labels: list[int], groups: list[int],
+                  reads: list[int], ticks: list[int], readers: list[Reader | None],
+                  partials: list[BlockKey | None], streams: list[Stream]) -> None:
+        """:meth:`_used` once per block, in the order of last use, each with the stream,
+        label and reader of its last read; marks requested blocks as read."""
+        for request in filter(None, map(self._requested.get, keys)):
+            request.read = True
+        labelled = [stream.label for stream in streams]  # each stream's last read's label
+        pool_reads, pool_tick = 0, None
+        found = list(map(self._blocks.get, keys))
+        used = itertools.compress(zip(keys, found, owners, labels, groups, reads, ticks), found)
+        for key, blk, stream, label, g, n, tick in used:
+            stream.label = _LABELS[label]
+            self._used(key, blk, stream, readers[g], key == partials[g])
+            if blk.place == _POOL:  # _used() counted one read as the pool's hit; the others too
+                pool_reads += n - 1
+                pool_tick = tick
+        for stream, label in zip(streams, labelled):
+            stream.label = label
+        if pool_tick is not None:
+            clock = self._clock
+            self._pool_hits = clock.now(self._pool_hits, self._pool_hits_epoch) + pool_reads
+            self._pool_hits_epoch = clock.epoch
+            self._pool_hit_tick = pool_tick
+
+    def _finish_readers(self, rkeys: list[tuple[str, Hashable]], readers: list[Reader | None],
+                        tails: list[int], sequential: list[bool], streams: list[Stream], stream: np.ndarray,
+                        ticks: np.ndarray, partials: list[BlockKey | None]) -> None:
+        """Leave each kept reader as after its last read, and most recently used last."""
+        for g in sorted(range(len(readers)), key=tails.__getitem__):
+            reader = readers[g]
+            if reader is None:
+                continue
+            t = tails[g]
+            reader.last_tick = int(ticks[t])
+            reader.sequential = sequential[g]
+            reader.stream = streams[stream[t]]
+            if partials[g] is not None:
+                reader.current = partials[g]
+                self._pinned[partials[g]] = reader
+            self._readers.move_to_end(rkeys[g])
+
+    def _use_block_size(self, bs: int) -> None:
+        if bs != self._block_size:
+            self._block_size = bs
+            self._history.max_blocks = max(HISTORY_MIN, HISTORY_PER_BLOCK * self.capacity // bs)
+
     # -- readers and streams -----------------------------------------------
 
-    def _reader(self, access: Access) -> Reader:
-        """The reader of ``access``, advanced past it, with its stream and scan state."""
+    def _reader(self, access: Access) -> Reader | None:
+        """The reader of ``access``, advanced past it, with its scan state.
+
+        ``None`` for a whole read of an object that has no reader: one would
+        change nothing (the read starts a run at offset 0 and leaves no
+        partial block), so a dataset of small files read whole keeps none.
+        """
         rkey = (access.path, access.job)
         reader = self._readers.get(rkey)
         if reader is None:
+            if access.offset == 0 and access.size >= access.object_size:
+                return None
             reader = self._readers[rkey] = Reader()
         else:
             self._readers.move_to_end(rkey)
@@ -377,56 +635,53 @@ class IGT(Policy):
         reader.sequential = hint != "random" and (
             reader.run >= 2 or hint == "sequential" or (access.offset == 0 and access.job in self._scanning)
         )
+        return reader
+
+    def _stream_of(self, access: Access, reader: Reader | None) -> Stream:
+        """The stream ``access`` belongs to, with one more read; it becomes ``reader``'s."""
         stream_key, label = self._level(access)
         if label is Pattern.UNKNOWN:
-            if reader.run >= 2:
+            if reader is not None and reader.run >= 2:
                 label = Pattern.SEQUENTIAL
-            elif hint in _HINTS:
-                label = _HINTS[hint]
-        reader.stream = self._stream(stream_key, label)
-        reader.stream.read(self._clock)
-        return reader
+            elif access.hint in _HINTS:
+                label = _HINTS[access.hint]
+        stream = self._stream(stream_key, label)
+        stream.read(self._clock)
+        if reader is not None:
+            reader.stream = stream
+        return stream
 
     def _level(self, access: Access) -> tuple[Hashable, Pattern]:
         """The act level's (path, region) and label, cached per object (per directory for one-block objects)."""
+        return self._level_of(access.path, access.job, access.offset, access.object_size > access.block_size,
+                              access.offset >= access.block_size)
+
+    def _level_of(self, path: str, job: Hashable, offset: int, multi: bool, deep: bool,
+                  uses: int = 1) -> tuple[Hashable, Pattern]:
+        """:meth:`_level` for ``uses`` reads at one entry; ``deep``: one lies past its object's first block."""
         tree = self._tree
         if tree is None:
-            return (access.path, None), Pattern.UNKNOWN
-        multi = access.object_size > access.block_size
+            return (path, None), Pattern.UNKNOWN
         if multi:
-            where = (access.path, access.job, access.offset // getattr(tree, "region_size", _NO_REGION))
+            where = (path, job, offset // getattr(tree, "region_size", _NO_REGION))
         else:
-            where = (access.path.rpartition("/")[0], access.job, -1)
+            where = (path.rpartition("/")[0], job, -1)
         entry = self._levels.get(where)
         tick = self._clock.tick
-        deep = access.offset >= access.block_size
         # A multi-block object gets a file node once a read lands past its first block: ask again then.
         if entry is None or entry[2] <= 0 or entry[3] <= tick or (deep and not entry[4]):
-            level = tree.act_level(access.path, access.job, access.offset)
+            level = tree.act_level(path, job, offset)
             if level.label is Pattern.RANDOM:
-                level = self._pooled(tree, access, level)
+                # Random siblings are pooled up to the highest random ancestor below the root: a
+                # random parent visits its children in an exchangeable order, so they are worth
+                # the same, and valued apart they churn only by where an epoch happens to be.
+                level = tree.climb(level, job, Pattern.RANDOM)
             if len(self._levels) >= MAX_LEVELS:
                 self._levels.clear()
             entry = self._levels[where] = [(level.path, level.region), level.label, LEVEL_USES,
                                            tick + LEVEL_TTL, deep or not multi]
-        entry[2] -= 1
+        entry[2] -= uses
         return entry[0], entry[1]
-
-    @staticmethod
-    def _pooled(tree, access: Access, level):
-        """The highest random ancestor of a random act level, below the root.
-
-        A random parent visits its children in an exchangeable order, so they
-        are worth the same: valuing them together avoids churn between
-        siblings that differ only by where an epoch happens to be.
-        """
-        chain = tree.levels(access.path, access.job, access.offset)
-        i = next((k for k, lv in enumerate(chain) if lv.path == level.path and lv.region == level.region), None)
-        if i is None:
-            return level
-        while i > 1 and chain[i - 1].label is Pattern.RANDOM:
-            i -= 1
-        return chain[i]
 
     def _stream(self, key: Hashable, label: Pattern) -> Stream:
         stream = self._streams.get(key)

@@ -11,7 +11,7 @@ by the decayed number of ticks it was exposed to is a rate per tick.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from math import ldexp
 from typing import Hashable
 
@@ -46,6 +46,13 @@ class Clock:
             self._next_age = self.tick + period
             self.epoch += 1
             self.exposure *= 0.5
+
+    def advance_in_epoch(self, reads: int) -> int:
+        """Up to ``reads`` more reads that stay in the current epoch; return how many."""
+        reads = min(reads, self._next_age - self.tick - 1)
+        self.tick += reads
+        self.exposure += reads
+        return reads
 
     def now(self, count: float, epoch: int) -> float:
         """``count`` as last updated in ``epoch``, decayed to the current epoch."""
@@ -98,15 +105,15 @@ class Stream:
         self.last_tick = clock.tick
         self.dead = False  # dropped from the policy's table; holders look it up again
 
-    def read(self, clock: Clock) -> None:
-        """One more read of the stream, now."""
-        self.reads = clock.now(self.reads, self.reads_epoch) + 1.0
+    def read(self, clock: Clock, reads: int = 1, tick: int | None = None) -> None:
+        """``reads`` more reads of the stream in this epoch, the last at ``tick`` (default: now)."""
+        self.reads = clock.now(self.reads, self.reads_epoch) + reads
         self.reads_epoch = clock.epoch
-        self.last_tick = clock.tick
+        self.last_tick = clock.tick if tick is None else tick
 
-    def reused(self, clock: Clock) -> None:
-        """A read that an unbounded cache would have served."""
-        self.reuse = clock.now(self.reuse, self.reuse_epoch) + 1.0
+    def reused(self, clock: Clock, reads: int = 1) -> None:
+        """``reads`` reads that an unbounded cache would have served."""
+        self.reuse = clock.now(self.reuse, self.reuse_epoch) + reads
         self.reuse_epoch = clock.epoch
 
     def estimate(self, clock: Clock, weight: float) -> None:
@@ -168,6 +175,9 @@ class History:
     def get(self, key: Hashable) -> Seen | None:
         return self._seen.get(key)
 
+    def entries(self, keys: list[Hashable]) -> list[Seen | None]:
+        return list(map(self._seen.get, keys))
+
     def visit(self, key: Hashable, owner: Stream, size: int, clock: Clock) -> Seen | None:
         """Record a visit by ``owner``; return the entry as it was before, ``None`` if new."""
         seen = self._seen.get(key)
@@ -184,3 +194,31 @@ class History:
             owner.footprint += seen.size
             seen.owner = owner
         return seen
+
+    def visit_many(self, keys: list[Hashable], entries: list[Seen | None], owners: list[Stream],
+                   sizes: list[int], revisits: list[int], clock: Clock) -> None:
+        """:meth:`visit` for distinct blocks, in the order of their last visit in this epoch.
+
+        ``entries`` are the blocks as they were before (``None``: new),
+        ``owners`` the streams of their last visits, and ``revisits`` the
+        visits each adds to its count (:meth:`Seen.visited`) besides a new
+        block's first.
+        """
+        seen, epoch = self._seen, clock.epoch
+        for key, entry, owner, size, more in zip(keys, entries, owners, sizes, revisits):
+            if entry is None:
+                entry = seen[key] = Seen(owner, size, epoch)
+                entry.count += more
+                owner.footprint += size
+                continue
+            if entry.owner is not owner:
+                entry.owner.footprint -= entry.size
+                owner.footprint += entry.size
+                entry.owner = owner
+            if more:
+                entry.count = clock.now(entry.count, entry.epoch) + more
+                entry.epoch = epoch
+        deque(map(seen.move_to_end, keys), maxlen=0)  # most recently visited last, in C
+        while len(seen) > self.max_blocks:
+            _, old = seen.popitem(last=False)
+            old.owner.footprint -= old.size
