@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -96,9 +96,19 @@ class AdapterBytes:
     file_bytes: int    # bytes read from the source
 
 
-def read_adapter(source: AdapterSource, name: str) -> AdapterBytes:
-    """Read adapter ``name`` (PEFT layout) from ``source`` and check it: ``KeyError(name)`` if absent,
-    ``AdapterError`` naming the file and the fault if damaged."""
+class AdapterFiles(NamedTuple):
+    """An adapter's two files as read, with the config parsed and the weights' header checked."""
+
+    raw_config: bytes
+    config: dict
+    weights: bytes
+    specs: list
+    body: memoryview
+
+
+def read_adapter_files(source: AdapterSource, name: str) -> AdapterFiles:
+    """Read adapter ``name``'s files (PEFT layout) from ``source`` and check them: ``KeyError(name)``
+    if absent, ``AdapterError`` naming the file and the fault if damaged."""
     try:
         raw_config = source.read(f"{name}/{CONFIG_FILE}")
     except FileNotFoundError:
@@ -117,11 +127,19 @@ def read_adapter(source: AdapterSource, name: str) -> AdapterBytes:
         specs, body = safetensors_file.parse(weights, f"adapter {name!r} {WEIGHTS_FILE}")
     except safetensors_file.SafetensorsError as exc:
         raise AdapterError(str(exc)) from None
+    return AdapterFiles(raw_config, config, weights, specs, body)
+
+
+def read_adapter(source: AdapterSource, name: str) -> AdapterBytes:
+    """Read adapter ``name`` (PEFT layout) from ``source``, checked as :func:`read_adapter_files` does,
+    with its tensors laid out for packing."""
+    files = read_adapter_files(source, name)
     slots, offset = [], 0
-    for spec in specs:
+    for spec in files.specs:
         slots.append(TensorSlot(name=spec.name, dtype=spec.dtype, shape=spec.shape, offset=offset, nbytes=spec.nbytes))
         offset += -(-spec.nbytes // _ALIGN) * _ALIGN
-    return AdapterBytes(config, slots, [body[s.start:s.end] for s in specs], offset, len(raw_config) + len(weights))
+    return AdapterBytes(files.config, slots, [files.body[s.start:s.end] for s in files.specs], offset,
+                        len(files.raw_config) + len(files.weights))
 
 
 def adapter_tensors(flat: torch.Tensor, slots: Sequence[TensorSlot]) -> dict[str, torch.Tensor]:

@@ -23,11 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from igtcache.clients import safetensors_file
 from igtcache.clients.adapter_source import (
     CONFIG_FILE, WEIGHTS_FILE, AdapterSource, CacheSource, DirectorySource, FsspecSource, check_name,
 )
-from igtcache.clients.lora_kv import AdapterError
+from igtcache.clients.lora_kv import read_adapter_files
 
 
 def materialize(name: str, directory: str | os.PathLike, source: AdapterSource, *, replace: bool = False) -> Path:
@@ -41,7 +40,8 @@ def materialize(name: str, directory: str | os.PathLike, source: AdapterSource, 
     target = Path(directory)
     if target.exists() and not replace:
         raise FileExistsError(f"{target} exists; pass replace=True (--replace) to overwrite it")
-    files = _read_checked(source, name)
+    checked = read_adapter_files(source, name)
+    files = {CONFIG_FILE: checked.raw_config, WEIGHTS_FILE: checked.weights}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -54,27 +54,6 @@ def materialize(name: str, directory: str | os.PathLike, source: AdapterSource, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _read_checked(source: AdapterSource, name: str) -> dict[str, bytes]:
-    try:
-        config = source.read(f"{name}/{CONFIG_FILE}")
-    except FileNotFoundError:
-        raise KeyError(name) from None
-    try:
-        weights = source.read(f"{name}/{WEIGHTS_FILE}")
-    except FileNotFoundError:
-        raise AdapterError(f"adapter {name!r} in {source.description} has no {WEIGHTS_FILE}") from None
-    try:
-        if not isinstance(json.loads(config), dict):
-            raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not a JSON object")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from None
-    try:
-        safetensors_file.parse(weights, f"adapter {name!r} {WEIGHTS_FILE}")
-    except safetensors_file.SafetensorsError as exc:
-        raise AdapterError(str(exc)) from None
-    return {CONFIG_FILE: config, WEIGHTS_FILE: weights}
 
 
 def open_for_cli(source: str | None, socket: str | None, remote: str | None, prefix: str,
