@@ -355,13 +355,9 @@ class AccessStreamTree:
         counts, nbytes = (ends - starts).tolist(), np.add.reduceat(size[read], starts).tolist()
         lo = 0
         for g, code in enumerate(streams.ids.tolist()):
-            at, stream_job = nodes[code // len(jobs)], jobs[code % len(jobs)]
-            visited = at.streams.get(stream_job)
-            if visited is None:
-                visited = self._new_stream(at, stream_job, int(size[firsts[g]]), stamps[firsts[g]])
-            visited.accesses += counts[g]
-            visited.nbytes += nbytes[g]
-            visited.last_ts = stamps[lasts[g]]
+            at = nodes[code // len(jobs)]
+            visited = self._batch_stream(at, jobs[code % len(jobs)], int(size[firsts[g]]), stamps[firsts[g]],
+                                         counts[g], nbytes[g], stamps[lasts[g]])
             items = pushed[lo:bounds[g]]
             lo = bounds[g]
             if items[0] == visited.last:  # the stream was still in this block
@@ -370,6 +366,18 @@ class AccessStreamTree:
                 visited.last = items[-1]
                 self._push_many(visited, items, False)
             touched[at] = max(touched.get(at, (-1, 0)), (lasts[g], -at.depth))
+
+    def _batch_stream(self, node: _Node, job: Hashable, first_size: int, first_ts: float, accesses: int,
+                      nbytes: int, last_ts: float):
+        """A node's stream for ``job`` (new if none, opened by a read of ``first_size`` at ``first_ts``),
+        with a batch's ``accesses`` and ``nbytes`` counted and its last read at ``last_ts``."""
+        stream = node.streams.get(job)
+        if stream is None:
+            stream = self._new_stream(node, job, first_size, first_ts)
+        stream.accesses += accesses
+        stream.nbytes += nbytes
+        stream.last_ts = last_ts
+        return stream
 
     def _visit_dirs_many(self, parents: list[_Node], read_parent: np.ndarray, read_name: np.ndarray,
                          names: dict[str, int], jobs: Sequence[Hashable], job: np.ndarray, offset: np.ndarray,
@@ -411,13 +419,9 @@ class AccessStreamTree:
             firsts, lasts = sel[starts].tolist(), sel[ends - 1].tolist()
             nodes, by_id = list(level_nodes), list(names)
             for g, code in enumerate(streams.ids.tolist()):
-                dir_node, stream_job = nodes[code // len(jobs)], jobs[code % len(jobs)]
-                dir_stream = dir_node.streams.get(stream_job)
-                if dir_stream is None:
-                    dir_stream = self._new_stream(dir_node, stream_job, int(size[firsts[g]]), stamps[firsts[g]])
-                dir_stream.accesses += counts[g]
-                dir_stream.nbytes += nbytes[g]
-                dir_stream.last_ts = stamps[lasts[g]]
+                dir_node = nodes[code // len(jobs)]
+                dir_stream = self._batch_stream(dir_node, jobs[code % len(jobs)], int(size[firsts[g]]),
+                                                stamps[firsts[g]], counts[g], nbytes[g], stamps[lasts[g]])
                 last, recent, pushed = dir_stream.last, dir_stream.recent, []
                 for key, restarted in zip(run_keys[bounds[g]:bounds[g + 1]], run_restart[bounds[g]:bounds[g + 1]]):
                     child = by_id[key]
