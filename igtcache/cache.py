@@ -24,7 +24,6 @@ import fcntl
 import itertools
 import json
 import logging
-import math
 import os
 import stat
 import threading
@@ -44,7 +43,7 @@ from igtcache.meta_table import DEFAULT_UNPINNED, MetaTable, parent
 from igtcache.policies import BlockKey, Policy, make_policy
 from igtcache.read_driver import Fetch, ReadDriver, ReadPlan
 from igtcache.remote import ObjectInfo, Remote, VersionChanged, check_range, normalize_path
-from igtcache.residency import block_span
+from igtcache.residency import AccessBatch, block_span
 from igtcache.stats import CacheStats
 from igtcache.tiered_store import PIECES, TieredStore, join, slice_block
 
@@ -209,6 +208,10 @@ class Cache:
                 self.invalidate(path)
         raise AssertionError("unreachable")
 
+    def read_many(self, reads: list[tuple[str, int, int]], *, job: str | None = None) -> list[bytes]:
+        """The bytes of each ``(path, offset, size)`` range, in order (as ``DaemonClient.read_many``)."""
+        return [self.read(path, offset, size, job=job) for path, offset, size in reads]
+
     def info(self, path: str) -> dict[str, Any]:
         """Size and version of an object (revalidated after ``ttl``)."""
         self._check_open()
@@ -251,7 +254,24 @@ class Cache:
                 self._trace.write(TraceRow(self._clock() - self._started, job, info.path, offset, size,
                                            info.size, "prefetch", ""))
             self._register(fetches)
-        self._start(fetches, info)
+        self._start(fetches)
+        return len(fetches)
+
+    def record_hits(self, batch: AccessBatch) -> int:
+        """Account reads that clients served from this cache's disk tier in their own process
+        (``igtcache.short_circuit``), in the order served: each is a hit for the stats, the
+        access stream tree and the policy. Starts the readahead the policy wants after them;
+        returns the number of blocks started."""
+        self._check_open()
+        with self._lock:
+            fetches = self.driver.record_hits(batch)
+            if self._trace is not None:
+                for i in range(len(batch.ts)):
+                    obj = batch.objects[batch.obj[i]]
+                    self._trace.write(TraceRow(float(batch.ts[i]) - self._started, batch.jobs[batch.job[i]], obj.path,
+                                               int(batch.offset[i]), int(batch.size[i]), obj.size, "read", obj.hint or ""))
+            self._register(fetches)
+        self._start(fetches)
         return len(fetches)
 
     def stats(self) -> dict[str, Any]:
@@ -356,7 +376,7 @@ class Cache:
                                            "read", hint or ""))
             self._register(plan.fetches)
             waits = {key.index: self._inflight[key] for key in plan.demand}
-        self._start(plan.fetches, info)
+        self._start(plan.fetches)
         return self._gather(plan, info, waits, out)
 
     def _gather(self, plan: ReadPlan, info: ObjectInfo, waits: dict, out) -> bytes | int:
@@ -426,7 +446,7 @@ class Cache:
             fetches = self.driver.fetch_again(key, info.size, job)
             self._register(fetches)
             future = self._inflight[key]
-        self._start(fetches, info)
+        self._start(fetches)
         return future
 
     def _info(self, path: str, refresh: bool = False) -> ObjectInfo:
@@ -475,9 +495,12 @@ class Cache:
             self.invalidate(info.path)
         with self._lock:
             self._meta.put(info)
-        if self.disk is not None and changed:
+        if self.disk is not None:
+            # Every check is written, not just changes: clients reading the disk tier in their own
+            # process (igtcache.short_circuit) trust a version only as long as this check vouches for it.
+            fresh_for = self.ttl - (self._clock() - info.fetched_at)
             try:
-                self.disk.save_meta(info)
+                self.disk.save_meta(info, time.monotonic() + max(0.0, fresh_for))
             except DiskFull as exc:
                 self._warn_disk_full(exc)
 
@@ -519,7 +542,7 @@ class Cache:
         for fetch in fetches:
             self._inflight[fetch.key] = concurrent.futures.Future()
 
-    def _start(self, fetches: list[Fetch], info: ObjectInfo) -> None:
+    def _start(self, fetches: list[Fetch]) -> None:
         """Start the driver's fetches on the remote, demand first; each is stored when it arrives."""
         for fetch in fetches:
             start = fetch.key.index * self.block_size
@@ -652,7 +675,7 @@ class Cache:
             if key in self.policy:
                 self._index(key)
         self._delete_from_disk(surplus)
-        self._meta.update(dataclasses.replace(info, fetched_at=-math.inf) for info in self.disk.load_meta().values())
+        self._meta.update(self.disk.load_meta().values())
 
     def _warn_disk_full(self, exc: OSError) -> None:
         with self._lock:

@@ -15,6 +15,12 @@ else 60 s), the call raises ``DaemonUnavailable``; the next call connects
 again, so a restarted daemon is picked up without a new client (and so is a
 connection the daemon closed after its idle timeout).
 
+Short-circuit reads: where the daemon has a disk tier that this process may
+read, the client serves hits from it in its own process
+(``igtcache.short_circuit``: verified, never stale past the TTL) and reports
+them to the daemon in batches; everything else goes over the socket. Turn it
+off with ``short_circuit=False`` or ``$IGTCACHE_SHORT_CIRCUIT=0``.
+
 Before it sends a byte, the client asks the kernel who serves the socket
 (``SO_PEERCRED``): it must run as this user or root, or as the user named by
 ``expected_uid=`` or ``$IGTCACHE_DAEMON_UID``; anything else is an
@@ -25,6 +31,7 @@ socket's place could answer reads with bytes of its choosing.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pwd
@@ -34,19 +41,24 @@ from typing import Any
 
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon.protocol import (
-    BUSY, ERROR, MAGIC, MAX_BUSY_MESSAGE, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS,
-    OP_PREFETCH, OP_REMOTES, OP_STATS, RESPONSE, encode_json_request, encode_read, kernel_timeout, raise_error,
+    BUSY, ERROR, MAGIC, MAX_BUSY_MESSAGE, MAX_PAYLOAD, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS,
+    OP_PREFETCH, OP_READ_MANY, OP_REMOTES, OP_REPORT, OP_STATS, RESPONSE, encode_json_request, encode_read,
+    encode_request, kernel_timeout, raise_error, split_many,
 )
 from igtcache.errors import DaemonError, DaemonUnavailable, UnknownRemote, UntrustedDaemon
 from igtcache.jobs import resolve_job
 from igtcache.peercred import peer_credentials
-from igtcache.remote import check_range
+from igtcache.remote import check_range, normalize_path
+from igtcache.short_circuit import DiskTierReader, ShortCircuitUnavailable, attach
 
 __all__ = ["DaemonClient", "DaemonError", "DaemonUnavailable", "UntrustedDaemon"]
 
 DEFAULT_TIMEOUT = 60.0
 TIMEOUT_ENV = "IGTCACHE_DAEMON_TIMEOUT"
 UID_ENV = "IGTCACHE_DAEMON_UID"
+SHORT_CIRCUIT_ENV = "IGTCACHE_SHORT_CIRCUIT"
+
+log = logging.getLogger(__name__)
 
 
 def client_timeout(timeout: float | None = None) -> float:
@@ -90,6 +102,7 @@ class _Pool:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self.peer_uid: int | None = None  # who the daemon runs as, once connected
 
     def get(self) -> tuple[socket.socket, bool]:
         """A connection, and whether it was reused (and so may have gone stale)."""
@@ -149,6 +162,7 @@ class _Pool:
     def _check_peer(self, conn: socket.socket) -> None:
         peer = peer_credentials(conn)
         uid = peer.uid if peer is not None else os.stat(self.path).st_uid  # no SO_PEERCRED: the socket's owner
+        self.peer_uid = uid
         if uid not in self.trusted:
             me = os.geteuid()
             expected = "root" if me == 0 else f"you ({_user(me)}) or root"
@@ -168,13 +182,15 @@ class DaemonClient:
     ``$IGTCACHE_DAEMON_TIMEOUT``, else 60 s; ``math.inf`` waits for ever).
     ``expected_uid`` (a uid or user name; default ``$IGTCACHE_DAEMON_UID``)
     is a user the daemon may run as besides this one and root.
+    ``short_circuit`` (default ``$IGTCACHE_SHORT_CIRCUIT``, else on) serves
+    hits from the daemon's disk tier in this process where it may.
     Raises ``DaemonUnavailable`` if no trusted daemon answers in time,
     ``UnknownRemote`` (a ``ValueError``) if it does not serve ``remote_name``.
     """
 
     def __init__(self, socket_path: str | os.PathLike | None = None, remote_name: str | None = None,
                  job: str | None = None, *, timeout: float | None = None, expected_uid: int | str | None = None,
-                 _pool: _Pool | None = None) -> None:
+                 short_circuit: bool | None = None, _pool: _Pool | None = None) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
         self.job = job
         self._pool = _pool or _Pool(self.socket_path, client_timeout(timeout), trusted_uids(expected_uid))
@@ -185,6 +201,28 @@ class DaemonClient:
             raise UnknownRemote(f"the daemon at {self.socket_path} serves no remote {remote_name!r}; "
                                 f"it serves {sorted(self._remotes)}")
         self.remote_name = remote_name
+        if short_circuit is None:
+            short_circuit = os.environ.get(SHORT_CIRCUIT_ENV, "1") not in ("0", "false", "no", "off")
+        self.short_circuit = short_circuit
+        self._disk = self._attach_disk() if short_circuit and remote_name is not None else None
+
+    def _attach_disk(self) -> DiskTierReader | None:
+        """A reader of the remote's disk tier in this process, or ``None`` (one log line saying why)."""
+        remote = self._remotes[self.remote_name]
+        if remote.get("disk_tier") is None:
+            return None
+        try:
+            return attach(remote["disk_tier"], remote=self.remote_name, block_size=remote["block_size"],
+                          remote_id=remote["identity"], owner=self._pool.peer_uid, report=self._send_report)
+        except ShortCircuitUnavailable as exc:
+            log.info("reading %s through the daemon at %s, not from its disk tier: %s",
+                     remote["url"], self.socket_path, exc)
+            return None
+
+    @property
+    def short_circuited(self) -> bool:
+        """Whether this client serves hits from the daemon's disk tier itself."""
+        return self._disk is not None
 
     @property
     def remotes(self) -> dict[str, dict[str, Any]]:
@@ -203,7 +241,8 @@ class DaemonClient:
 
     def for_remote(self, remote_name: str) -> "DaemonClient":
         """A client of another remote of the same daemon, sharing this one's connections."""
-        return DaemonClient(self.socket_path, remote_name, self.job, _pool=self._pool)
+        return DaemonClient(self.socket_path, remote_name, self.job, short_circuit=self.short_circuit,
+                            _pool=self._pool)
 
     # ------------------------------------------------------------------ Cache's API
 
@@ -211,6 +250,8 @@ class DaemonClient:
              job: str | None = None, hint: str | None = None) -> bytes:
         """Bytes ``[offset, offset+size)`` of ``path``; fewer at end of object; ``size=-1`` to the end."""
         check_range(offset, size)
+        if self._disk is not None and (found := self._from_disk(path, offset, size, job, None)) is not None:
+            return found
         if size == -1 or size > self._max_read():
             if size == -1:
                 size = max(0, self.info(path)["size"] - offset)
@@ -225,6 +266,8 @@ class DaemonClient:
         Reads over the daemon's ``--max-read`` go as several requests.
         """
         view = memoryview(buffer).cast("B")
+        if self._disk is not None and (found := self._from_disk(path, offset, view.nbytes, job, view)) is not None:
+            return found
         done, chunk = 0, self._max_read()
         while done < view.nbytes:
             want = min(chunk, view.nbytes - done)
@@ -235,8 +278,42 @@ class DaemonClient:
                 break
         return done
 
+    def read_many(self, reads: list[tuple[str, int, int]], *, job: str | None = None) -> list[bytes]:
+        """The bytes of each ``(path, offset, size)`` range (``size`` -1: to the end), in order:
+        hits from the disk tier, the rest in as few round trips as ``--max-read`` allows.
+        Fails as a whole if any range fails."""
+        for _, offset, size in reads:
+            check_range(offset, size)
+        found: list[bytes | None] = [
+            self._from_disk(path, offset, size, job, None) if self._disk is not None else None
+            for path, offset, size in reads]
+        batch: list[int] = []
+        batch_bytes = request_bytes = 0
+        for i in [i for i, data in enumerate(found) if data is None]:
+            path, offset, size = reads[i]
+            if size < 0 or size > self._max_read():
+                found[i] = self.read(path, offset, size, job=job)
+                continue
+            entry_bytes = len(path.encode("utf-8", "surrogatepass")) + 48  # as JSON, with room for escapes
+            if batch and (batch_bytes + size > self._max_read() or request_bytes + entry_bytes > MAX_PAYLOAD // 2):
+                self._read_batch(reads, batch, found, job)
+                batch, batch_bytes, request_bytes = [], 0, 0
+            batch.append(i)
+            batch_bytes += size
+            request_bytes += entry_bytes
+        if batch:
+            self._read_batch(reads, batch, found, job)
+        return found  # type: ignore[return-value]
+
     def info(self, path: str) -> dict[str, Any]:
         """Size and version of an object: ``{"name", "size", "type", "version"}``."""
+        if self._disk is not None:
+            try:
+                meta = self._disk.info(normalize_path(path))
+            except ValueError:
+                meta = None  # the daemon says what is wrong with the path
+            if meta is not None:
+                return {"name": meta.path, "size": meta.size, "type": "file", "version": meta.version}
         return self._call(OP_INFO, {"remote": self._remote(), "path": path})
 
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
@@ -246,17 +323,27 @@ class DaemonClient:
     def invalidate(self, path: str) -> None:
         """Make the daemon forget everything cached about ``path``."""
         self._call(OP_INVALIDATE, {"remote": self._remote(), "path": path})
+        if self._disk is not None:
+            self._disk.refresh()
 
     def prefetch(self, path: str, offset: int = 0, size: int = -1) -> int:
         """Ask the daemon to start fetching a range; the number of blocks started."""
         return self._call(OP_PREFETCH, {"remote": self._remote(), "path": path, "offset": offset, "size": size})
 
     def stats(self) -> dict[str, Any]:
-        """This remote's ``Cache.stats()`` in the daemon."""
+        """This remote's ``Cache.stats()`` in the daemon, counting every hit this process served itself."""
+        self.flush_reports()
         return self._call(OP_STATS, {"remote": self._remote()})
 
+    def flush_reports(self) -> None:
+        """Report every hit served from the disk tier so far to the daemon now (it is otherwise
+        reported within a fraction of a second)."""
+        if self._disk is not None:
+            self._disk.flush()
+
     def close(self) -> None:
-        """Close this client's idle connections."""
+        """Report the hits served so far and close this client's idle connections."""
+        self.flush_reports()
         self._pool.close()
 
     def __enter__(self) -> "DaemonClient":
@@ -290,6 +377,29 @@ class DaemonClient:
 
     def _call(self, op: int, args: dict[str, Any]) -> Any:
         return self._exchange(encode_json_request(op, args), into=None)
+
+    def _call_bytes(self, op: int, args: dict[str, Any]) -> bytes:
+        body = self._call(op, args)
+        if not isinstance(body, bytes):
+            raise DaemonError(f"the daemon answered {op} with {type(body).__name__}, not bytes")
+        return body
+
+    def _read_batch(self, reads: list[tuple[str, int, int]], batch: list[int], found: list, job: str | None) -> None:
+        """One ``OP_READ_MANY`` round trip for the ranges ``batch`` indexes."""
+        args = {"remote": self._remote(), "job": self._job(job), "reads": [list(reads[i]) for i in batch]}
+        for i, data in zip(batch, split_many(self._call_bytes(OP_READ_MANY, args), len(batch))):
+            found[i] = data
+
+    def _send_report(self, payload: bytes) -> None:
+        self._exchange(encode_request(OP_REPORT, payload), into=None)
+
+    def _from_disk(self, path: str, offset: int, size: int, job: str | None, out: memoryview | None):
+        """A read served from the disk tier in this process, or ``None`` for the daemon to serve."""
+        try:
+            rel = normalize_path(path)
+        except ValueError:
+            return None  # the daemon says what is wrong with the path
+        return self._disk.read(rel, offset, size, self._job(job), out)
 
     def _exchange(self, request: bytes, into: memoryview | None) -> Any:
         """Send one request and read its response.

@@ -1,10 +1,13 @@
 """The disk tier: checksummed blocks in one LMDB environment, bounded by bytes.
 
 Four named databases share one environment, so every change is one atomic
-transaction: ``index`` (key -> size, xxh3-64 checksum, write sequence, path, version),
-``data`` (key -> block bytes), ``meta`` (path -> object stat, for TTL
-revalidation across restarts) and ``settings`` (what the bytes mean: format
-version, block size, checksum algorithm, the remote they were fetched from).
+transaction: ``index`` (key -> size, xxh3-64 checksums of the block and of its
+pieces, write sequence, path, version), ``data`` (key -> block bytes), ``meta``
+(path -> object stat and until when it is vouched for, for TTL revalidation
+across restarts and for readers in other processes) and ``settings`` (what the
+bytes mean: format version, block size, checksum algorithm, the remote they
+were fetched from). The layout is ``igtcache.disk_format``'s, which the
+daemon's clients read too (``igtcache.short_circuit``).
 
 An environment whose settings differ from the ones asked for (another block
 size, another remote, an older format without settings) holds bytes that
@@ -26,9 +29,8 @@ any other failure :class:`DiskTierError`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -37,18 +39,17 @@ from pathlib import Path
 from typing import Iterator
 
 import lmdb
-import xxhash
 
 from igtcache.block_store import TierFull
+from igtcache.disk_format import (
+    CHECKSUM, DATABASES, ENV_NAME, FORMAT_VERSION, block_key, decode_index, decode_meta, encode_index, encode_meta,
+    path_key, verified,
+)
 from igtcache.policies import BlockKey
 from igtcache.remote import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 1: no settings database
-CHECKSUM = "xxh3-64"
-
-_INDEX = struct.Struct("<QQQ")  # size, xxh3-64 checksum, write sequence
 # LMDB stores values in 4 KiB pages and copies pages on write; the map leaves room for that.
 _MAP_OVERHEAD = 1.25
 _MAP_SLACK = 64 << 20
@@ -76,12 +77,7 @@ class DiskTierError(OSError):
 
 
 def _key(key: BlockKey) -> bytes:
-    digest = hashlib.blake2b(f"{key.path}\x00{key.version}".encode("utf-8", "surrogatepass"), digest_size=16)
-    return digest.digest() + key.index.to_bytes(8, "big")
-
-
-def _path_key(path: str) -> bytes:
-    return hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=24).digest()
+    return block_key(key.path, key.version, key.index)
 
 
 def _truncation(data_file: Path) -> str | None:
@@ -146,7 +142,7 @@ class DiskTier:
     # ------------------------------------------------------------------ opening
 
     def _open_env(self) -> lmdb.Environment:
-        target = self.directory / "blocks.lmdb"
+        target = self.directory / ENV_NAME
         truncated = _truncation(target / "data.mdb")
         if truncated is not None:
             self._damaged(target, truncated)
@@ -174,10 +170,7 @@ class DiskTier:
             str(target), map_size=int(self.capacity * _MAP_OVERHEAD) + _MAP_SLACK, max_dbs=4, max_readers=512,
             sync=False, metasync=False, readahead=False,
         )
-        self._index_db = env.open_db(b"index")
-        self._data_db = env.open_db(b"data")
-        self._meta_db = env.open_db(b"meta")
-        self._settings_db = env.open_db(b"settings")
+        self._index_db, self._data_db, self._meta_db, self._settings_db = map(env.open_db, DATABASES)
         return env
 
     def _stored_settings(self, env: lmdb.Environment) -> dict[str, str] | None:
@@ -223,8 +216,7 @@ class DiskTier:
         with self._env.begin() as txn:
             for raw_key, value in txn.cursor(db=self._index_db):
                 try:
-                    size, _checksum, seq = _INDEX.unpack_from(value)
-                    path, version = value[_INDEX.size:].decode("utf-8", "surrogatepass").split("\x00")
+                    size, seq, path, version = decode_index(value)
                     key = BlockKey(path, version, int.from_bytes(raw_key[16:], "big"))
                 except (struct.error, ValueError):
                     broken.append(bytes(raw_key))
@@ -279,9 +271,8 @@ class DiskTier:
                     index = txn.get(raw_key, db=self._index_db)
                     if index is None:
                         continue
-                    size, checksum, _seq = _INDEX.unpack_from(index)
                     data = txn.get(raw_key, db=self._data_db)
-                    if data is None or len(data) != size or xxhash.xxh3_64_intdigest(data) != checksum:
+                    if data is None or not verified(index, data):
                         corrupt.append(key)
                     else:
                         found[key] = data
@@ -327,8 +318,7 @@ class DiskTier:
                 for key, data in puts:
                     seq += 1
                     raw_key = _key(key)
-                    name = f"{key.path}\x00{key.version}".encode("utf-8", "surrogatepass")
-                    txn.put(raw_key, _INDEX.pack(len(data), xxhash.xxh3_64_intdigest(data), seq) + name, db=self._index_db)
+                    txn.put(raw_key, encode_index(data, seq, key.path, key.version), db=self._index_db)
                     txn.put(raw_key, data, db=self._data_db)
         except lmdb.Error as exc:
             raise self._write_failed("blocks", exc) from exc
@@ -346,26 +336,27 @@ class DiskTier:
 
     # ------------------------------------------------------------------ metadata
 
-    def save_meta(self, info: ObjectInfo) -> None:
-        """Keep an object's stat across restarts; ``DiskFull`` if it cannot."""
-        value = json.dumps({"path": info.path, "size": info.size, "version": info.version, "fetched_at": info.fetched_at})
+    def save_meta(self, info: ObjectInfo, fresh_until: float) -> None:
+        """Keep an object's stat across restarts, vouched for until ``fresh_until``
+        (``time.monotonic()``, which other processes of this boot share); ``DiskFull`` if it cannot."""
+        value = encode_meta(info.path, info.size, info.version, fresh_until)
         try:
             with self._env.begin(write=True) as txn:
-                txn.put(_path_key(info.path), value.encode(), db=self._meta_db)
+                txn.put(path_key(info.path), value, db=self._meta_db)
         except lmdb.Error as exc:
             raise self._write_failed("metadata", exc) from exc
 
     def load_meta(self) -> dict[str, ObjectInfo]:
-        """Every object stat kept, by path."""
+        """Every object stat kept, by path, each due for revalidation (``fetched_at`` -inf)."""
         found: dict[str, ObjectInfo] = {}
         try:
             with self._env.begin() as txn:
                 for _key_bytes, value in txn.cursor(db=self._meta_db):
                     try:
-                        info = ObjectInfo(**json.loads(value))
-                    except (ValueError, TypeError):
+                        record = decode_meta(value)
+                    except (ValueError, struct.error):
                         continue
-                    found[info.path] = info
+                    found[record.path] = ObjectInfo(record.path, record.size, record.version, -math.inf)
         except lmdb.Error as exc:
             raise DiskTierError(f"disk tier at {self.directory} could not read metadata: {exc}") from exc
         return found
@@ -374,13 +365,20 @@ class DiskTier:
         """Forget an object's stat; ``DiskFull`` if the deletion cannot be written."""
         try:
             with self._env.begin(write=True) as txn:
-                txn.delete(_path_key(path), db=self._meta_db)
+                txn.delete(path_key(path), db=self._meta_db)
         except lmdb.Error as exc:
             raise self._write_failed("metadata", exc) from exc
 
+    def clear_stale_readers(self) -> int:
+        """Free reader slots that processes which died mid-read left in the lock file; how many."""
+        try:
+            return self._env.reader_check()
+        except lmdb.Error as exc:
+            raise DiskTierError(f"disk tier at {self.directory} could not check its readers: {exc}") from exc
+
     def file_bytes(self) -> int:
         """Bytes the LMDB data file takes on disk."""
-        return sum(f.stat().st_blocks * 512 for f in (self.directory / "blocks.lmdb").iterdir())
+        return sum(f.stat().st_blocks * 512 for f in (self.directory / ENV_NAME).iterdir())
 
     def close(self) -> None:
         """Flush to the OS and close the environment."""

@@ -207,7 +207,8 @@ def _json_frames(draw):
 
 _unframeable = st.one_of(
     st.tuples(st.integers(0, 255).filter(lambda op: op not in P.OPS), st.integers(0, 100)),
-    st.tuples(st.sampled_from(sorted(P.OPS)), st.integers(P.MAX_PAYLOAD + 1, (1 << 32) - 1)),
+    st.sampled_from(sorted(P.OPS)).flatmap(
+        lambda op: st.tuples(st.just(op), st.integers(P.max_payload(op) + 1, (1 << 32) - 1))),
 ).map(lambda t: ("refused", P.REQUEST.pack(*t) + b"x" * min(t[1], 100), None))
 
 

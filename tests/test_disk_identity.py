@@ -141,7 +141,8 @@ def test_invalidate_on_a_damaged_tier_raises_no_raw_lmdb_error(tmp_path):
     with Cache(url, cache_dir=tmp_path / "c", block_size=64 * KiB) as cache:
         assert cache.read("obj") == data
         cache.flush()
-        _damage_meta_pages(tmp_path / "c" / "blocks.lmdb" / "data.mdb", b'"fetched_at"')
+        version = cache.info("obj")["version"]  # a metadata value holds the version, then the path
+        _damage_meta_pages(tmp_path / "c" / "blocks.lmdb" / "data.mdb", version.encode() + b"obj")
         try:
             cache.invalidate("obj")
         except OSError as exc:  # an lmdb.Error is no OSError: it would escape this
@@ -157,7 +158,7 @@ def test_tier_methods_map_lmdb_errors(tmp_path):
     tier = DiskTier(tmp_path / "d", 1 << 20, block_size=4096, remote_id="memory://x")
     key = BlockKey("p", "v", 0)
     tier.put(key, b"x" * 100)
-    tier.save_meta(_info("p"))
+    tier.save_meta(_info("p"), fresh_until=0.0)
     tier._env.close()  # every later LMDB call fails
     for call in (lambda: tier.get(key), tier.load_meta):
         with pytest.raises(DiskTierError):

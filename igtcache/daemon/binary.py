@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 
 from igtcache.daemon.protocol import (
-    ERROR, MAX_PAYLOAD, OK_BYTES, OK_JSON, OP_READ, OPS, REQUEST, RESPONSE, BadRequest,
-    decode_json, decode_read, error_body, kernel_timeout,
+    ERROR, OK_BYTES, OK_JSON, OP_READ, OP_READ_MANY, OP_REPORT, OPS, REQUEST, RESPONSE, BadRequest,
+    decode_json, decode_read, error_body, kernel_timeout, max_payload,
 )
 from igtcache.daemon.service import Service
 from igtcache.errors import INTERNAL, error_row
@@ -75,6 +75,10 @@ def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) 
             try:
                 if op == OP_READ:
                     reply = service.read(**decode_read(bytes(payload)), peer_job=job)
+                elif op == OP_READ_MANY:
+                    reply = service.read_many(decode_json(bytes(payload)), peer_job=job)
+                elif op == OP_REPORT:
+                    body = json.dumps(service.report(payload)).encode()
                 else:
                     body = json.dumps(service.call(name, decode_json(bytes(payload)))).encode()
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error response
@@ -84,7 +88,7 @@ def serve_connection(conn: socket.socket, service: Service, timeouts: Timeouts) 
                 _send(conn, ERROR, error_body(exc))
                 continue
             service.count(name)
-            if op == OP_READ:
+            if op in (OP_READ, OP_READ_MANY):
                 with reply:  # its bytes count against the response budget until they have left
                     _send(conn, OK_BYTES, reply.pieces)
             else:
@@ -109,8 +113,8 @@ def _next_request(conn: socket.socket, header: bytearray, timeouts: Timeouts) ->
     op, length = REQUEST.unpack(header)
     if op not in OPS:
         raise BadRequest(f"unknown operation {op}")
-    if length > MAX_PAYLOAD:
-        raise BadRequest(f"request payload of {length} bytes is over the limit of {MAX_PAYLOAD}")
+    if length > max_payload(op):
+        raise BadRequest(f"request payload of {length} bytes is over the limit of {max_payload(op)}")
     payload = bytearray(length)
     if not _fill(conn, memoryview(payload), deadline, timeouts):
         return None

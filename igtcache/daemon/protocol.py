@@ -11,10 +11,14 @@ Request:  ``op`` (u8), payload length (u32), payload.
   - ``OP_READ`` payload: offset (u64), size (i64, -1 = to the end), then the
     lengths (u16 each) and UTF-8 bytes of remote, path, job and hint; an
     empty job is the connected process's (``igtcache.jobs.peer_job``).
-  - every other op: a JSON object of arguments.
+  - ``OP_REPORT`` payload: hits a client served itself (``igtcache.hit_report``),
+    up to ``MAX_REPORT`` bytes.
+  - every other op: a JSON object of arguments. ``OP_READ_MANY``'s are
+    ``remote``, ``job`` and ``reads``, a list of ``[path, offset, size]``.
 Response: ``status`` (u8), body length (u64), body.
   - ``OK_BYTES``: the bytes read, as they are (the hit path copies no byte
-    through JSON or base64).
+    through JSON or base64); for ``OP_READ_MANY``, the length of each
+    range's bytes (u64 each), then the bytes of every range in order.
   - ``OK_JSON``: a JSON value.
   - ``ERROR``: JSON ``{"error": wire name, "message": text}``, the wire
     name from ``igtcache.errors`` (the client raises the same type).
@@ -37,6 +41,7 @@ from typing import Any
 # BadRequest, DaemonError and DaemonUnavailable are re-exported: they are this protocol's errors,
 # defined with the rest of the error table.
 from igtcache.errors import BadRequest, DaemonError, DaemonUnavailable, error_row, exception_from_wire
+from igtcache.hit_report import MAX_REPORT
 
 MAGIC = b"IGTCv1\r\n"
 BUSY = b"IGTCbusy"  # as long as MAGIC
@@ -54,10 +59,14 @@ OP_PREFETCH = 5
 OP_STATS = 6
 OP_HEALTH = 7
 OP_REMOTES = 8
+OP_REPORT = 9
+OP_READ_MANY = 10
 OPS = {
     OP_READ: "read", OP_INFO: "info", OP_LS: "ls", OP_INVALIDATE: "invalidate",
     OP_PREFETCH: "prefetch", OP_STATS: "stats", OP_HEALTH: "health", OP_REMOTES: "remotes",
+    OP_REPORT: "report", OP_READ_MANY: "read_many",
 }
+LENGTHS = struct.Struct("<Q")
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
@@ -94,8 +103,30 @@ def decode_read(payload: bytes) -> dict[str, Any]:
 
 
 def encode_json_request(op: int, args: dict[str, Any]) -> bytes:
-    payload = json.dumps(args).encode()
+    return encode_request(op, json.dumps(args).encode())
+
+
+def encode_request(op: int, payload: bytes) -> bytes:
+    """A whole request frame of ``op`` with ``payload``."""
     return REQUEST.pack(op, len(payload)) + payload
+
+
+def max_payload(op: int) -> int:
+    """The most payload bytes a request of ``op`` may carry."""
+    return MAX_REPORT if op == OP_REPORT else MAX_PAYLOAD
+
+
+def split_many(body: bytes, count: int) -> list[bytes]:
+    """The bytes of each range of an ``OP_READ_MANY`` response of ``count`` ranges."""
+    head = LENGTHS.size * count
+    lengths = struct.unpack_from(f"<{count}Q", body) if count else ()
+    if head + sum(lengths) != len(body):
+        raise DaemonError(f"the daemon's answer to a read of {count} ranges does not add up")
+    out, at = [], head
+    for length in lengths:
+        out.append(body[at:at + length])
+        at += length
+    return out
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:

@@ -53,13 +53,16 @@ from igtcache.daemon.protocol import MAGIC
 from igtcache.daemon.service import Service
 from igtcache.daemon.startup import (
     StartError, bind_metrics, check_disk, check_memory, check_socket_dir, connection_cap, open_lock_file,
-    raise_nofile_limit,
+    raise_nofile_limit, share_disk_tier,
 )
 from igtcache.sizes import format_size
 
 log = logging.getLogger("igtcache.daemon")
 
 __all__ = ["Daemon", "StartError"]
+
+#: Seconds between sweeps of the disk tiers' reader tables for slots of dead processes.
+STALE_READER_PERIOD = 5.0
 
 
 class Daemon:
@@ -164,6 +167,9 @@ class Daemon:
                     policy=cfg.policy, ttl=cfg.ttl, trace_path=cfg.remote_trace_path(remote),
                     cluster=cfg.cluster, cluster_prefix=cfg.cluster_prefix,
                 )
+                if caches[remote.name].disk is not None:
+                    group = group_id(cfg.socket_group) if cfg.socket_group is not None else None
+                    share_disk_tier(caches[remote.name].disk.directory, cfg.socket_mode, group)
                 where = f"disk {format_size(disk)} at {cache_dir}" if cache_dir else "no disk tier"
                 if cfg.cluster:
                     where += f", cluster tier at {parse_cluster_url(cfg.cluster).redacted()}"
@@ -212,7 +218,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, stop)
         accept = asyncio.create_task(self._accept())
+        janitor = asyncio.create_task(self._clear_stale_readers())
         await stop.wait()
+        janitor.cancel()
         log.info("stopping: in-flight requests get up to %.0f s", self.config.grace)
         deadline = time.monotonic() + self.config.grace
         accept.cancel()
@@ -225,6 +233,18 @@ class Daemon:
         await loop.run_in_executor(None, self._join_connections, deadline)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+
+    async def _clear_stale_readers(self) -> None:
+        """Free the disk tiers' reader slots that clients killed mid-read left behind (a slot held
+        by a dead process would pin an old snapshot, and the file would grow)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for cache in self.service.caches.values():
+                if cache.disk is not None:
+                    cleared = await loop.run_in_executor(None, cache.disk.clear_stale_readers)
+                    if cleared:
+                        log.info("cleared %d reader slots of dead processes in %s", cleared, cache.disk.directory)
+            await asyncio.sleep(STALE_READER_PERIOD)
 
     def _on_signal(self, stop: asyncio.Event) -> None:
         if stop.is_set():

@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 from igtcache import Cache
 from igtcache.daemon.budget import Grant, ResponseBudget
+from igtcache.daemon.protocol import LENGTHS
 from igtcache.errors import BadRequest, UnknownRemote
+from igtcache.hit_report import decode_report
 from igtcache.remote import normalize_path
 from igtcache.remote_identity import credentials_identity
 
@@ -62,6 +64,7 @@ class Service:
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.hits_dropped = 0  # hits clients served but could not report (their log was full)
 
     # -------------------------------------------------------------- operations
 
@@ -83,6 +86,44 @@ class Service:
             grant.release()
             raise
         return Reply(pieces, grant)
+
+    def read_many(self, args: dict[str, Any], *, peer_job: str) -> Reply:
+        """The bytes of several ranges (``args["reads"]``: ``[path, offset, size]`` each) in one
+        reply: each range's length (u64), then every range's bytes in order. Fails as a whole
+        if any range fails (the client then reads them one by one to tell which)."""
+        cache = self._cache(args.get("remote"))
+        reads = args.get("reads")
+        if not isinstance(reads, list) or not all(isinstance(r, list) and len(r) == 3 for r in reads):
+            raise BadRequest("reads must be a list of [path, offset, size]")
+        job = _text(args.get("job"), "job", MAX_JOB) or peer_job
+        ranges = []
+        for path, offset, size in reads:
+            path, offset = _path(path), _int(offset, "offset", 0, (1 << 63) - 1)
+            ranges.append((path, offset, self._size(cache, path, offset, _int(size, "size", -1, (1 << 63) - 1), "read")))
+        total = sum(size for *_, size in ranges)
+        if total > self.max_read:
+            raise BadRequest(f"a read of {total} bytes in {len(ranges)} ranges is more than this daemon's "
+                             f"--max-read of {self.max_read}; read in smaller batches")
+        grant = self.budget.acquire(total)
+        try:
+            pieces = [cache.read(path, offset, size, job=job) for path, offset, size in ranges]
+        except BaseException:
+            grant.release()
+            raise
+        head = b"".join(LENGTHS.pack(len(p)) for p in pieces)
+        return Reply([head, *pieces], grant)
+
+    def report(self, payload: bytes | bytearray) -> int:
+        """Account hits a client served itself (an ``OP_REPORT`` payload); the number of blocks
+        of readahead they started."""
+        report = decode_report(payload)
+        cache = self._cache(report.remote)
+        for obj in report.batch.objects:
+            if _path(obj.path) != obj.path:
+                raise BadRequest(f"report names {obj.path!r}, not a normalized path")
+        with self._lock:
+            self.hits_dropped += report.dropped
+        return cache.record_hits(report.batch)
 
     def call(self, op: str, args: dict[str, Any]) -> Any:
         """Any operation but ``read``, with JSON-able arguments and result."""
@@ -117,7 +158,8 @@ class Service:
             daemon = {"pid": os.getpid(), "uptime_s": time.time() - self.started,
                       "connections": connections, "max_connections": max_connections,
                       "inflight_bytes": self.budget.used, "max_inflight_bytes": self.budget.limit,
-                      "requests": dict(self.requests), "errors": dict(self.errors)}
+                      "requests": dict(self.requests), "errors": dict(self.errors),
+                      "reported_hits_dropped": self.hits_dropped}
         return {"daemon": daemon, "remotes": {name: cache.stats() for name, cache in self.caches.items()}}
 
     # -------------------------------------------------------------- bookkeeping
@@ -152,7 +194,8 @@ def _describe(name: str, cache: Cache) -> dict[str, Any]:
     protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     return {"name": name, "url": cache.remote.url, "protocols": protocols, "root": cache.remote.root.strip("/"),
             "identity": cache.remote.identity, "credentials": credentials_identity(cache.remote.fs),
-            "block_size": cache.block_size}
+            "block_size": cache.block_size,
+            "disk_tier": str(cache.disk.directory.resolve()) if cache.disk is not None else None}
 
 
 def _path(value: Any) -> str:

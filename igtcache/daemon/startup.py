@@ -205,3 +205,25 @@ def _bytes_under(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def share_disk_tier(directory: Path, socket_mode: int, group: int | None) -> None:
+    """Give a disk tier (``directory``, in the daemon's cache directory) the access its socket gives: whoever may use the daemon may read its blocks
+    in their own process (``igtcache.short_circuit``), nobody else. A class of users (group, others)
+    that may write the socket may traverse the tier's directories, read its data file and write its
+    lock file (LMDB readers register there); a class that may not gets no access at all.
+    """
+    def widen(owner_bits: int, read: int, write: int) -> int:
+        mode = owner_bits
+        for shift in (3, 0):  # group, others
+            if socket_mode & (0o2 << shift):
+                mode |= (read | write) << shift
+        return mode
+
+    lmdb_dir = directory / "blocks.lmdb"
+    traverse = widen(0o700, 0o5, 0)
+    for path, mode in ((directory.parent, traverse), (directory, traverse), (lmdb_dir, traverse),
+                       (lmdb_dir / "data.mdb", widen(0o600, 0o4, 0)), (lmdb_dir / "lock.mdb", widen(0o600, 0o4, 0o2))):
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
