@@ -26,6 +26,8 @@ or engines after a fork, so it works in DataLoader workers (fork or spawn).
 
 from __future__ import annotations
 
+import concurrent.futures
+import datetime
 import logging
 import os
 import re
@@ -35,17 +37,20 @@ from typing import Any
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import AbstractBufferedFile
+from fsspec.utils import tokenize
 
 from igtcache import Cache, CacheDirInUse
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon_client import DaemonClient, DaemonUnavailable
-from igtcache.remote import Remote
+from igtcache.remote import Remote, modification_time, object_version
 from igtcache.remote_identity import credentials_identity, mismatch
 from igtcache.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "attach", "embedded")
+RANGE_THREADS = 16  # concurrent reads of one cat_ranges call
+TARGET_INFOS = 4096  # target infos kept per filesystem (one per object version seen)
 
 
 class IgtcacheFileSystem(ChainedFileSystem):
@@ -103,6 +108,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._daemon: list[tuple[str, DaemonClient]] | None = None  # (root, client), longest root first
         self._not_attached: list[str] = []  # why the daemon's remotes of this protocol are not this one
         self._engines: dict[str, Cache] = {}
+        self._target_infos: dict[str, tuple[str, dict]] = {}  # path -> (cache's version, target's info), oldest first
         self._inherited: list[Cache] = []  # a parent's engines: never closed in a forked child
         weakref.finalize(self, _close_engines, self._engines, self._pid)
 
@@ -213,14 +219,115 @@ class IgtcacheFileSystem(ChainedFileSystem):
             end = max(0, size + end) if end is not None and end < 0 else end
         return self._read(path, start, -1 if end is None else max(0, end - start))
 
-    def info(self, path: str, **kwargs) -> dict[str, Any]:
+    def cat_ranges(self, paths: list[str], starts: int | list[int | None] | None, ends: int | list[int | None] | None,
+                   max_gap: int | None = None, on_error: str = "return", **kwargs) -> list:
+        """Bytes ``[start, end)`` of each ``(path, start, end)``, as :meth:`cat_file` gives them, read
+        concurrently. ``max_gap`` is accepted and ignored: ranges are served from the cache's
+        blocks, so merging nearby ranges would save no fetch. With ``on_error="return"`` a failed
+        range's exception takes its place in the list; otherwise the first failure is raised."""
+        if not isinstance(paths, list):
+            raise TypeError(f"paths must be a list, not {type(paths).__name__}")
+        starts, ends = _per_path(starts, len(paths)), _per_path(ends, len(paths))
+        requests = list(zip(paths, starts, ends))
+        if len(requests) < 2:
+            outcomes = [self._cat_outcome(request) for request in requests]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(RANGE_THREADS, len(requests))) as pool:
+                outcomes = list(pool.map(self._cat_outcome, requests))
+        if on_error != "return":
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+        return outcomes
+
+    def _cat_outcome(self, request: tuple[str, int | None, int | None]) -> bytes | Exception:
+        try:
+            return self.cat_file(*request)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller as cat_ranges' on_error says
+            return exc
+
+    def _cached_info(self, path: str) -> dict[str, Any]:
+        """``name``, ``size``, ``type`` and ``version`` as the cache serves the object (no remote
+        call while its metadata is fresh); a directory is ``{"name", "size": 0, "type": "directory"}``."""
         backend, rel, _root = self._route(path)
         name = self._strip_protocol(path)
         try:
-            info = backend.info(rel)
+            return {**backend.info(rel), "name": name}
         except IsADirectoryError:
             return {"name": name, "size": 0, "type": "directory"}
-        return {**info, "name": name}
+
+    def info(self, path: str, **kwargs) -> dict[str, Any]:
+        """The target filesystem's fields for ``path`` (``LastModified``, ``mtime``, ``ETag``...),
+        with ``size`` and ``version`` of the version the cache serves.
+
+        The target is asked once per object version this filesystem sees, not at every call.
+        """
+        cached = self._cached_info(path)
+        if cached["type"] == "directory":
+            return {**self._target().info(cached["name"]), "name": cached["name"]}
+        return {**self._target_info(cached["name"], cached["version"]), **cached}
+
+    def _target_info(self, name: str, version: str) -> dict[str, Any]:
+        """The target's info of ``name``, fetched again once the cache serves another version."""
+        known = self._target_infos.get(name)
+        if known is not None and known[0] == version:
+            return known[1]
+        target = self._target()
+        info = target.info(name)
+        if object_version(info) != version:  # a listing cached by the target may be older than the cache's version
+            target.invalidate_cache(name)
+            info = target.info(name)
+        self._target_infos.pop(name, None)
+        self._target_infos[name] = (version, info)
+        while len(self._target_infos) > TARGET_INFOS:
+            self._target_infos.pop(next(iter(self._target_infos)))
+        return info
+
+    def size(self, path: str) -> int:
+        """Size in bytes of the version the cache serves."""
+        return self._cached_info(path)["size"]
+
+    def exists(self, path: str, **kwargs) -> bool:
+        try:
+            self._cached_info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def isfile(self, path: str) -> bool:
+        try:
+            return self._cached_info(path)["type"] == "file"
+        except (FileNotFoundError, PermissionError):
+            return False
+
+    def isdir(self, path: str) -> bool:
+        try:
+            return self._cached_info(path)["type"] == "directory"
+        except (FileNotFoundError, PermissionError):
+            return False
+
+    def modified(self, path: str) -> datetime.datetime:
+        """When the object's version was last modified, from the target's info (S3 ``LastModified``,
+        a local file's ``mtime``), as an aware datetime in UTC."""
+        return _utc(modification_time(self.info(path)), "modification time", path, self.target_protocol)
+
+    def created(self, path: str) -> datetime.datetime:
+        """When the object was created, from the target's info; where the target has no creation
+        time (S3), its last modification, since such an object is written whole."""
+        info = self.info(path)
+        when = info.get("created")
+        if hasattr(when, "timestamp"):
+            when = when.timestamp()
+        return _utc(when if isinstance(when, (int, float)) else modification_time(info),
+                    "creation time", path, self.target_protocol)
+
+    def ukey(self, path: str) -> str:
+        """A key that changes exactly when the object's version (ETag, or size and times) does."""
+        return tokenize(self._strip_protocol(path), self._cached_info(path).get("version"))
+
+    def checksum(self, path: str) -> int:
+        """:meth:`ukey` as an integer: equal checksums mean the same version, so the same bytes."""
+        return int(self.ukey(path), 16)
 
     def ls(self, path: str, detail: bool = True, **kwargs) -> list:
         backend, rel, root = self._route(path)
@@ -228,13 +335,15 @@ class IgtcacheFileSystem(ChainedFileSystem):
             lead = "/" if self._strip_protocol(path).startswith("/") else ""
             entries = [{**e, "name": lead + "/".join(filter(None, [root, e["name"]]))} for e in backend.ls(rel)]
         else:
-            entries = self._target().ls(self._strip_protocol(path), detail=True)
+            entries = self._target().ls(self._strip_protocol(path), detail=True, **kwargs)
         return entries if detail else [e["name"] for e in entries]
 
     def _open(self, path: str, mode: str = "rb", block_size="default", autocommit=True, cache_options=None, **kwargs):
         path = self._strip_protocol(path)
         if "r" in mode:
             return IgtcacheFile(self, path, mode=mode, block_size=block_size, cache_options=cache_options, **kwargs)
+        if block_size != "default":
+            kwargs["block_size"] = block_size
         return _WriteThrough(self._target().open(path, mode, **kwargs), lambda: self.invalidate(path))
 
     # ------------------------------------------------------------------ writing (through to the target)
@@ -248,9 +357,30 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._target().pipe_file(self._strip_protocol(path), value, **kwargs)
         self.invalidate(path)
 
+    def put_file(self, lpath: str, rpath: str, **kwargs) -> None:
+        self._target().put_file(lpath, self._strip_protocol(rpath), **kwargs)
+        self.invalidate(rpath)
+
+    def cp_file(self, path1: str, path2: str, **kwargs) -> None:
+        self._target().cp_file(self._strip_protocol(path1), self._strip_protocol(path2), **kwargs)
+        self.invalidate(path2)
+
+    def touch(self, path: str, truncate: bool = True, **kwargs) -> None:
+        self._target().touch(self._strip_protocol(path), truncate=truncate, **kwargs)
+        self.invalidate(path)
+
     def rm_file(self, path: str) -> None:
         self._target().rm_file(self._strip_protocol(path))
         self.invalidate(path)
+
+    def rm(self, path: str | list[str], recursive: bool = False, maxdepth: int | None = None) -> None:
+        """Remove files (and, with ``recursive``, directories) on the target; drop what was cached of them."""
+        target = self._target()
+        paths = [self._strip_protocol(p) for p in ([path] if isinstance(path, str) else path)]
+        removed = target.expand_path(paths, recursive=recursive, maxdepth=maxdepth)
+        target.rm(paths, recursive=recursive, maxdepth=maxdepth)
+        for p in removed:
+            self.invalidate(p)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs) -> None:
         self._target().mkdir(self._strip_protocol(path), create_parents=create_parents, **kwargs)
@@ -258,11 +388,16 @@ class IgtcacheFileSystem(ChainedFileSystem):
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self._target().makedirs(self._strip_protocol(path), exist_ok=exist_ok)
 
+    def rmdir(self, path: str) -> None:
+        self._target().rmdir(self._strip_protocol(path))
+
 
 class IgtcacheFile(AbstractBufferedFile):
-    """A read-only file whose every read goes to the cache (no client-side buffer by default).
+    """A read-only file whose every read goes to the cache.
 
-    The backend (daemon or embedded engine) is chosen once, at open.
+    No client-side buffer by default (``cache_type="none"``); any of fsspec's
+    cache types and block sizes may be asked for. The backend (daemon or
+    embedded engine) and the object's size are taken once, at open.
     """
 
     def __init__(self, fs: IgtcacheFileSystem, path: str, mode: str = "rb", cache_type: str = "none", **kwargs) -> None:
@@ -270,13 +405,18 @@ class IgtcacheFile(AbstractBufferedFile):
             raise ValueError(f"igtcache files open for reading with mode 'rb', not {mode!r}")
         self._backend, self._rel, _root = fs._route(path)
         self._job = fs._job()
+        if kwargs.get("size") is None:
+            kwargs["size"] = self._backend.info(self._rel)["size"]
         super().__init__(fs, path, mode=mode, cache_type=cache_type, **kwargs)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self._backend.read(self._rel, start, end - start, job=self._job)
 
     def readinto(self, b) -> int:
-        """Read into a buffer; attached to the daemon, straight from the socket into it."""
+        """Read into a buffer; without a client-side cache and attached to the daemon, straight
+        from the socket into it."""
+        if self.cache.name != "none":
+            return super().readinto(b)
         if self.closed:
             raise ValueError("I/O operation on closed file")
         out = memoryview(b).cast("B")
@@ -321,6 +461,21 @@ class _WriteThrough:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _per_path(value: int | None | list[int | None], count: int) -> list[int | None]:
+    """``value`` for each of ``count`` paths: a list of that length as given, or one value repeated."""
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{len(value)} starts or ends for {count} paths")
+    return value
+
+
+def _utc(timestamp: float | None, what: str, path: str, protocol: str) -> datetime.datetime:
+    if timestamp is None:
+        raise NotImplementedError(f"{protocol} gives no {what} for {path!r}")
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
 
 
 def _top_level(path: str) -> str:
