@@ -539,18 +539,3 @@ def test_a_backend_gone_away_gives_eio_until_it_returns():
     assert ops.read("/f", 3, 2, fi) == b"cde"
     assert backend.job == str(os.getpid()), "a thread's reads are its process's job"
 
-
-# ---------------------------------------------------------------------- benchmark
-
-
-def test_benchmark_reports_every_path(capsys):
-    from igtcache.bench.fuse import main
-
-    assert main(["--size", "8MiB", "--rounds", "1", "--random-reads", "200", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["results"]
-    assert [r["path"] for r in rows] == [
-        "local file (page cache)", "mount, buffered: igtcache hits", "mount, buffered: no-op backend",
-        "mount, buffered: kernel page cache", "mount, direct-io: igtcache hits", "mount, direct-io: no-op backend",
-    ]
-    assert all(r["seq_bytes_per_s"] > 0 and r["random_reads_per_s"] > 0 for r in rows)
-    assert sum("meets_target" in r for r in rows) == 2
