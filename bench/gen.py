@@ -64,6 +64,18 @@ cluster-adapters
     --nodes [16] --jobs [1] (servers per node) --loads [25600] --adapters [1024]
     --adapter-size [8MiB] --zipf [1.0] --rate [100] --read-size [4MiB]
     --throughput [1GB] (per server).
+inference
+    An inference node: servers load LoRA adapters whole, front to back in
+    pieces, each load choosing among --adapters by Zipf popularity, beside
+    embedding lookups: small records of one table with Zipf popularity over
+    record ids (hot ids are neighbours, as in a frequency-sorted
+    vocabulary), whose hot set moves elsewhere in the table once, part way.
+    Lookups are spread evenly over the servers' run. --jobs [2] (servers)
+    --loads [3000] --adapters [200] --adapter-size [16MiB] --zipf [1.0]
+    --interval [0.1] (mean idle seconds between a server's loads)
+    --read-size [1MiB] --throughput [200MB] (per server) --lookups [200000]
+    --table-size [512MiB] --record-size [4KiB] --table-zipf [1.0]
+    --shift-at [0.5] (fraction of the lookups before the hot set moves).
 mix
     Several scenarios at once with their default options (and --scale), each
     stretched in time to span the same duration, so they run concurrently
@@ -472,8 +484,64 @@ class ClusterAdapters(Scenario):
         return _merge(server(s) for s in range(servers))
 
 
+@dataclass
+class Inference(Scenario):
+    """An inference node: Zipf-chosen adapters loaded whole, beside skewed embedding lookups."""
+
+    name: ClassVar[str] = "inference"
+    jobs: int = _integer(2, "serving processes")
+    loads: int = _count(3000, "adapter loads in all, each by a random server")
+    adapters: int = _integer(200, "LoRA adapters")
+    adapter_size: int = _size(16 * MiB, "bytes per adapter")
+    zipf: float = _number(1.0, "Zipf exponent of adapter popularity")
+    interval: float = _number(0.1, "mean idle seconds between a server's loads")
+    read_size: int = _size(1 * MiB, "bytes per adapter read")
+    throughput: int = _size(200 * MB, "bytes per second per server")
+    lookups: int = _count(200000, "embedding lookups in all")
+    table_size: int = _size(512 * MiB, "bytes in the embedding table")
+    record_size: int = _size(4 * KiB, "bytes per record")
+    table_zipf: float = _number(1.0, "Zipf exponent of record popularity")
+    shift_at: float = _fraction(0.5, "fraction of the lookups made before the hot set moves")
+
+    def rows(self, rng: random.Random) -> Iterator[TraceRow]:
+        weights = _zipf_cum_weights(self.adapters, self.zipf)
+        ids = rng.sample(range(self.adapters), self.adapters)  # popularity rank -> adapter
+        plans: list[list[int]] = [[] for _ in range(self.jobs)]
+        for rank in rng.choices(range(self.adapters), cum_weights=weights, k=self.loads):
+            plans[rng.randrange(self.jobs)].append(ids[rank])
+        starts = self._starts(rng)
+
+        def server(j: int) -> list[TraceRow]:
+            clock, out = _Clock(starts[j], self.throughput), []
+            for i in plans[j]:
+                out += _scan(clock, f"{self.name}-serve-{j}", f"{self.name}/adapters/lora-{i:04d}/adapter.safetensors",
+                             self.adapter_size, self.read_size)
+                clock.t += rng.expovariate(1 / self.interval) if self.interval else 0.0
+            return out
+
+        serving = [server(j) for j in range(self.jobs)]
+        duration = max((rows[-1].ts for rows in serving if rows), default=0.0)
+        return _merge([*serving, self._lookups(rng, duration)])
+
+    def _lookups(self, rng: random.Random, duration: float) -> Iterator[TraceRow]:
+        """Record reads at an even pace over ``duration``; hot ids are neighbours, moved once."""
+        records = max(1, self.table_size // self.record_size)
+        table = records * self.record_size
+        weights = _zipf_cum_weights(records, self.table_zipf)
+        ranks = rng.choices(range(records), cum_weights=weights, k=self.lookups)
+        shift = round(self.lookups * self.shift_at)
+        bases = rng.randrange(records), rng.randrange(records)
+        step = duration / self.lookups if duration else 0.0
+        for n, rank in enumerate(ranks):
+            record = (bases[n >= shift] + rank) % records
+            yield TraceRow(n * step, f"{self.name}-embed-0", f"{self.name}/embeddings/table.bin",
+                           record * self.record_size, self.record_size, table)
+
+
 # Cluster traces name each job's node (igtcache.bench.cluster_traces); mix leaves them out.
 CLUSTER_SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (ClusterTrain, ClusterAdapters)}
+# Node scenarios stand alone: mix leaves them out, so its trace stays as it was.
+NODE_SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (Inference,)}
 
 
 def mix(names: Iterable[str], rng: random.Random, scale: float = 1.0,
@@ -556,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
-    for name, cls in {**SCENARIOS, **CLUSTER_SCENARIOS}.items():
+    for name, cls in {**SCENARIOS, **NODE_SCENARIOS, **CLUSTER_SCENARIOS}.items():
         _add_options(sub.add_parser(name, parents=[common], help=cls.__doc__, description=cls.__doc__), cls)
     mixed = sub.add_parser("mix", parents=[common], help="Several scenarios at once, interleaved.",
                            description=mix.__doc__.split("\n\n")[0])
@@ -580,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--of: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
         rows = mix(names, rng, args.scale, status=progress.note)
     else:
-        cls = SCENARIOS.get(args.scenario) or CLUSTER_SCENARIOS[args.scenario]
+        cls = {**SCENARIOS, **NODE_SCENARIOS, **CLUSTER_SCENARIOS}[args.scenario]
         options = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         try:
             scenario = cls(**options).scaled(args.scale)

@@ -2,7 +2,7 @@
 
 ``igtcache bench replay TRACE.csv --capacity SIZE [--capacity SIZE ...]
 --policy lru,arc,... [--block-size SIZE] [--latency-ms MS] [--bandwidth MB_PER_S]
-[--json] [--plot FILE.png]``
+[--fifo-link] [--json] [--plot FILE.png]``
 
 Each read goes through :class:`igtcache.read_driver.ReadDriver`, the read
 driver of the live engine: the same plan, demand fetches, readahead issued
@@ -20,18 +20,24 @@ The model:
   delay later reads (open loop). Fetches whose bytes arrive by a read's
   ``ts`` are admitted, in arrival order, before that read is planned, so a
   read of a block still in flight, demand or readahead, is a miss.
-* One shared link to the remote: a fetch issued at ``t`` starts when the
-  link is free, holds it for ``size / bandwidth``, and its bytes arrive
-  ``latency`` after the transfer ends. Demand fetches and readahead share
-  the link in issue order.
+* One shared link to the remote (:class:`igtcache.bench.link.PriorityLink`):
+  a fetch holds it for ``size / bandwidth``, one at a time, and its bytes
+  arrive ``latency`` after the transfer ends. Demand fetches go first:
+  when the link frees it takes the oldest demand fetch issued by then,
+  else the oldest readahead (``--fifo-link``: all in issue order).
 * A read that needs a block still in flight is a miss and waits for that
-  fetch (no second fetch); a prefetch it waits for counts as late.
+  fetch (no second fetch; a queued readahead block becomes demand); a
+  prefetch it waits for counts as late.
 * Remote bytes count every fetched byte. Wasted prefetch bytes are
   prefetched blocks evicted (or declined by the policy) before any read.
 
 Metrics per policy and capacity, and per job: hit ratio (reads whose every
 block was resident when planned), byte hit ratio (requested bytes that lay
-in resident blocks), remote bytes, wasted prefetch bytes, late prefetches.
+in resident blocks), remote bytes, wasted prefetch bytes, late prefetches,
+stall (seconds reads waited for the remote: from a read's time to the
+arrival of the last block it needed) and completion time (a job's span in
+the trace plus its stall: the job's time had each wait delayed the reads
+after it; for a run, its longest job's).
 Remote and prefetch figures are charged to the job whose read caused the
 fetch.
 """
@@ -47,6 +53,7 @@ import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
+from igtcache.bench.link import PriorityLink
 from igtcache.bench.trace import TraceRow, load_trace
 from igtcache.policies import POLICIES, BlockKey, FutureOracle, Policy
 from igtcache.read_driver import Fetch, ReadDriver
@@ -76,24 +83,58 @@ class RemoteLink:
 
 
 class SimulatedBackend:
-    """Fetches on a :class:`RemoteLink`, delivered to the driver when the replay's clock passes them."""
+    """Fetches on a :class:`PriorityLink`, delivered to the driver when the replay's clock passes them.
 
-    def __init__(self, driver: ReadDriver, link: RemoteLink) -> None:
+    It also times each read: a read completes when the last block it waits
+    for arrives; its *stall* is that time less its own (the trace's) time.
+    """
+
+    def __init__(self, driver: ReadDriver, link: PriorityLink) -> None:
         self.driver = driver
         self.link = link
-        self._arrivals: list[tuple[float, int, Fetch, float]] = []  # (arrival, seq, fetch, seconds)
+        self._arrivals: list[tuple[float, int, BlockKey]] = []  # (arrival, seq, key)
         self._seq = itertools.count()
+        self._flights: dict[BlockKey, tuple[Fetch, float]] = {}  # key -> (fetch, issue time)
+        self._waiters: dict[BlockKey, list[_Wait]] = {}
+        self.stall_s: dict[str, float] = {}  # per job
 
     def start(self, ts: float, fetches: Iterable[Fetch]) -> None:
         for fetch in fetches:
-            arrival = self.link.fetch(ts, fetch.length)
-            heapq.heappush(self._arrivals, (arrival, next(self._seq), fetch, arrival - ts))
+            self._flights[fetch.key] = (fetch, ts)
+            self.link.submit(ts, fetch.key, fetch.length, demand=not fetch.prefetched)
+
+    def wait(self, ts: float, job: str, keys: Sequence[BlockKey]) -> None:
+        """A read at ``ts`` needs ``keys``, all in flight: it completes when the last arrives."""
+        self.stall_s.setdefault(job, 0.0)
+        if not keys:
+            return
+        wait = _Wait(ts, job, len(keys))
+        for key in keys:
+            self.link.promote(key)
+            self._waiters.setdefault(key, []).append(wait)
 
     def deliver_until(self, ts: float) -> None:
         """Admit every fetch that has arrived by ``ts``, in arrival order."""
+        for arrival, key in self.link.run_until(ts):
+            heapq.heappush(self._arrivals, (arrival, next(self._seq), key))
         while self._arrivals and self._arrivals[0][0] <= ts:
-            _, _, fetch, seconds = heapq.heappop(self._arrivals)
-            self.driver.arrived(fetch.key, fetch.length, seconds)
+            arrival, _, key = heapq.heappop(self._arrivals)
+            fetch, issued = self._flights.pop(key)
+            self.driver.arrived(key, fetch.length, arrival - issued)
+            for wait in self._waiters.pop(key, ()):
+                wait.last = max(wait.last, arrival)
+                wait.left -= 1
+                if not wait.left:
+                    self.stall_s[wait.job] += wait.last - wait.ts
+
+
+class _Wait:
+    """A read waiting for ``left`` blocks; ``last`` is the latest arrival so far."""
+
+    __slots__ = ("ts", "job", "left", "last")
+
+    def __init__(self, ts: float, job: str, left: int) -> None:
+        self.ts, self.job, self.left, self.last = ts, job, left, ts
 
 
 def replay_metrics(counters: ReadCounters) -> dict:
@@ -158,13 +199,15 @@ def replay(
     block_size: int = DEFAULT_BLOCK_SIZE,
     latency_s: float = DEFAULT_LATENCY_S,
     bandwidth_Bps: float = DEFAULT_BANDWIDTH_BPS,
+    demand_first: bool = True,
 ) -> dict:
     """Replay a trace with one policy and capacity; return the metrics as a dict.
 
     The dict has ``policy``, ``capacity``, ``hit_ratio``, ``byte_hit_ratio``,
     ``remote_bytes``, ``wasted_prefetch_bytes``, ``late_prefetches``,
-    ``reads``, the model's parameters, ``elapsed_s`` and ``jobs`` (the same
-    metrics per job).
+    ``reads``, ``stall_s``, ``completion_s`` (the longest job's), the
+    model's parameters, ``elapsed_s`` and ``jobs`` (the same metrics per
+    job). ``demand_first=False``: one FIFO link queue for all fetches.
     """
     if block_size <= 0:
         raise ValueError(f"block size must be > 0, got {block_size}")
@@ -172,8 +215,9 @@ def replay(
     started = time.perf_counter()
     counters = JobCounters()
     driver = ReadDriver(make_replay_policy(policy_name, capacity, rows, block_size), block_size, counters)
-    backend = SimulatedBackend(driver, RemoteLink(latency_s, bandwidth_Bps))
+    backend = SimulatedBackend(driver, PriorityLink(latency_s, bandwidth_Bps, demand_first=demand_first))
     versions: dict[str, tuple[str, int]] = {}  # path -> (version, object size) last seen
+    spans: dict[str, list[float]] = {}  # job -> [first ts, last ts]
 
     def handle(ts: float, row: TraceRow) -> None:
         """Replay one row at ``ts``."""
@@ -192,21 +236,32 @@ def replay(
         plan = driver.plan(ts=ts, job=row.job, path=row.path, version=version, offset=row.offset,
                            size=row.size, object_size=row.object_size, hint=row.hint or None)
         backend.start(ts, plan.fetches)
+        backend.wait(ts, row.job, plan.demand)
+        span = spans.setdefault(row.job, [ts, ts])
+        span[1] = ts
         driver.finish(plan)
 
     for row in rows:
         handle(row.ts, row)
     backend.deliver_until(math.inf)  # as the live cache's flush() waits for every fetch
 
+    jobs = {}
+    for job, c in sorted(counters.jobs.items()):
+        stall = backend.stall_s.get(job, 0.0)
+        first, last = spans.get(job, (0.0, 0.0))
+        jobs[job] = {**replay_metrics(c), "stall_s": stall, "completion_s": last - first + stall}
     return {
         "policy": policy_name,
         "capacity": capacity,
         **replay_metrics(counters.total),
+        "stall_s": sum(j["stall_s"] for j in jobs.values()),
+        "completion_s": max((j["completion_s"] for j in jobs.values()), default=0.0),
         "block_size": block_size,
         "latency_s": latency_s,
         "bandwidth_Bps": bandwidth_Bps if math.isfinite(bandwidth_Bps) else None,
+        "demand_first": demand_first,
         "elapsed_s": round(time.perf_counter() - started, 3),
-        "jobs": {job: replay_metrics(c) for job, c in sorted(counters.jobs.items())},
+        "jobs": jobs,
     }
 
 
@@ -253,6 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_BPS / 1e6, metavar="MB_PER_S",
                         help=f"remote bandwidth in MB/s, shared by all fetches "
                              f"(default {DEFAULT_BANDWIDTH_BPS / 1e6:g}; 'inf' for unlimited)")
+    parser.add_argument("--fifo-link", action="store_true",
+                        help="one queue in issue order on the link (default: demand fetches before readahead)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="draw hit ratio against capacity, one line per policy")
     return parser
@@ -286,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in dict.fromkeys(names):
         for capacity in capacities:
-            result = replay(rows, name, capacity, args.block_size, args.latency_ms / 1e3, args.bandwidth * 1e6)
+            result = replay(rows, name, capacity, args.block_size, args.latency_ms / 1e3, args.bandwidth * 1e6,
+                            demand_first=not args.fifo_link)
             _note(f"{name} @ {format_size(capacity)}: hit ratio {result['hit_ratio']:.3f} "
                   f"({result['elapsed_s']:.1f} s)")
             results.append(result)
@@ -306,9 +364,9 @@ def _note(text: str) -> None:
 
 def format_table(results: list[dict]) -> str:
     """Results as a readable text table: one line per run, then one per run and job."""
-    head = ("policy", "capacity", "hit", "byte hit", "remote", "wasted pf", "late pf")
+    head = ("policy", "capacity", "hit", "byte hit", "remote", "wasted pf", "late pf", "stall s", "done s")
     lines = [head]
-    job_lines = [("policy", "capacity", "job", "reads", "hit", "byte hit", "remote", "wasted pf", "late pf")]
+    job_lines = [("policy", "capacity", "job", "reads", *head[2:])]
     for r in results:
         cap = format_size(r["capacity"])
         lines.append((r["policy"], cap, *_cells(r)))
@@ -319,7 +377,8 @@ def format_table(results: list[dict]) -> str:
 
 def _cells(m: dict) -> tuple[str, ...]:
     return (f"{m['hit_ratio']:.3f}", f"{m['byte_hit_ratio']:.3f}", format_size(m["remote_bytes"]),
-            format_size(m["wasted_prefetch_bytes"]), f"{m['late_prefetches']:,}")
+            format_size(m["wasted_prefetch_bytes"]), f"{m['late_prefetches']:,}", f"{m['stall_s']:,.1f}",
+            f"{m['completion_s']:,.1f}")
 
 
 def _render(lines: list[tuple[str, ...]]) -> str:

@@ -144,3 +144,62 @@ def test_prefetched_blocks_evicted_unread_are_wasted(monkeypatch):
     # a0 read, a1 prefetched (evicting a0), b0 read (evicting a1 unread), b1 prefetched.
     assert result["wasted_prefetch_bytes"] == MiB
     assert result["remote_bytes"] == 4 * MiB
+
+
+def test_inference_scenario_loads_whole_adapters_beside_skewed_lookups():
+    scenario = gen.Inference(jobs=2, loads=60, adapters=20, adapter_size=3 * MiB, read_size=MiB, zipf=1.2,
+                             lookups=4000, table_size=16 * MiB, record_size=4096, shift_at=0.5)
+    rows = list(scenario.rows(random.Random(1)))
+    assert [r.ts for r in rows] == sorted(r.ts for r in rows)
+    serving = [r for r in rows if "-serve-" in r.job]
+    lookups = [r for r in rows if "-embed-" in r.job]
+    assert len(serving) == 60 * 3 and len(lookups) == 4000
+    for load in range(0, len(serving), 3):  # each server's loads read front to back, whole
+        per_job = sorted((r for r in serving if r.job == serving[load].job), key=lambda r: r.ts)
+        assert all(r.offset == (i % 3) * MiB and r.size == MiB for i, r in enumerate(per_job))
+    loads = [r.path for r in serving if r.offset == 0]
+    top = max(set(loads), key=loads.count)
+    assert loads.count(top) > 3 * len(loads) / 20  # skewed choice
+    assert all(r.size == 4096 and r.object_size == 16 * MiB for r in lookups)
+    # The hot set moves once, half way: the most read block before it is seldom read after.
+    blocks = [r.offset // MiB for r in lookups]
+    before, after = blocks[:2000], blocks[2000:]
+    hot = max(set(before), key=before.count)
+    assert before.count(hot) > 4 * after.count(hot)
+    assert lookups[-1].ts <= serving[-1].ts
+
+
+def test_inference_is_a_gen_command_left_out_of_mix(tmp_path):
+    trace = tmp_path / "inf.csv"
+    assert gen.main(["inference", str(trace), "--scale", "0.01", "--adapters", "50", "--zipf", "1.4",
+                     "--table-size", "64MiB"]) == 0
+    assert {r.job.split("-")[1] for r in load_trace(trace)} == {"serve", "embed"}
+    assert "inference" not in gen.SCENARIOS
+
+
+def test_stall_and_completion_time_count_waits_for_the_remote():
+    rows = [TraceRow(0.0, "j", "a", 0, MiB, MiB), TraceRow(1.0, "j", "a", 0, MiB, MiB)]
+    result = replay(rows, "lru", 4 * MiB, block_size=MiB, latency_s=0.1, bandwidth_Bps=MiB / 0.05)
+    assert result["stall_s"] == pytest.approx(0.15)  # the first read waits for its block; the second hits
+    assert result["completion_s"] == pytest.approx(1.15)
+    assert result["jobs"]["j"]["stall_s"] == pytest.approx(0.15)
+
+
+def test_demand_fetches_overtake_readahead_on_the_link(monkeypatch):
+    """A scan's readahead queued on a slow link does not delay another job's miss."""
+    monkeypatch.setitem(POLICIES, "deep", DeepAhead)
+    rows = [TraceRow(0.0, "scan", "s", 0, MiB, 64 * MiB), TraceRow(0.001, "other", "o", 0, MiB, MiB)]
+    first, fifo = (replay(rows, "deep", 128 * MiB, block_size=MiB, latency_s=0.0, bandwidth_Bps=100 * MiB,
+                          demand_first=order) for order in (True, False))
+    assert first["jobs"]["other"]["stall_s"] < 0.03  # behind the one transfer under way
+    assert fifo["jobs"]["other"]["stall_s"] > 0.3  # behind 32 blocks of readahead
+    assert first["remote_bytes"] == fifo["remote_bytes"]
+
+
+class DeepAhead(LRU):
+    """Test policy: prefetch the next 32 blocks after each read."""
+
+    name = "deep"
+
+    def prefetch(self, access):
+        return list(range(access.last_block + 1, min(access.last_block + 33, -(-access.object_size // MiB))))
