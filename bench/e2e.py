@@ -14,7 +14,12 @@ the same capacity (``--capacity``, a fraction of the data set):
   (memory tier of the full capacity), jobs reading through the fsspec plugin;
 - ``igtcache-igt-fuse``: the same daemon, with the training job reading plain
   files through ``igtcache mount`` attached to it (the kernel's page cache
-  dropped before each file, so that only the cache's capacity counts).
+  dropped before each file, so that only the cache's capacity counts);
+- ``rclone-fuse`` / ``s3fs-fuse``: the FUSE caches users run today,
+  ``rclone mount --vfs-cache-mode full`` (its cache bounded to the capacity)
+  and s3fs-fuse ``-o use_cache`` (which has no bound: it keeps every file it
+  reads), one mount shared by every job, each job reading plain files through
+  it with the same page-cache policy.
 
 Every read's bytes are checked against the generated data. For the igtcache
 contenders the daemon records its live access trace (``--trace-dir``), replayed with
@@ -43,6 +48,7 @@ import numpy as np
 
 from igtcache.bench.e2e_jobs import CONTENDERS, FUSE_JOB, JobSpec, run_job
 from igtcache.bench.files import jittered_files
+from igtcache.bench.fuse_peers import PEERS, mount_peer, peer_unusable
 from igtcache.bench.replay import replay
 from igtcache.bench.shaping_proxy import DEFAULT_BANDWIDTH_BPS, DEFAULT_LATENCY_S, ShapingProxy
 from igtcache.bench.trace import load_trace
@@ -137,7 +143,8 @@ def run_contender(contender: str, scenario: Scenario, crcs: dict[str, int], prox
                     "--memory", str(capacity), "--disk", "0", "--block-size", str(BLOCK_SIZE),
                     "--policy", policy, "--log-level", "warning"]
             stack.enter_context(DaemonProcess(socket_path, args))
-        mountpoint = _mount(stack, workdir, socket_path) if contender.endswith("-fuse") else None
+        mountpoint = _mount(stack, contender, workdir, socket_path, proxy.endpoint, capacity) \
+            if contender.endswith("-fuse") else None
         jobs = _run_jobs(contender, scenario, crcs, proxy, capacity, workdir, socket_path, mountpoint)
         out = {"contender": contender, "jobs": jobs, "makespan_s": max(j["seconds"] for j in jobs.values())}
         if policy:
@@ -167,17 +174,35 @@ def _fetch_latency(live: dict, proxy: ShapingProxy) -> float:
     return max(proxy.latency_s, live["remote_seconds"] / fetches - transfer)
 
 
-def _mount(stack: contextlib.ExitStack, workdir: Path, socket_path: str) -> str:
-    """``igtcache mount`` the daemon's remote at ``workdir/mnt``, unmounted when ``stack`` closes."""
+def _mount(stack: contextlib.ExitStack, contender: str, workdir: Path, socket_path: str, endpoint: str,
+           capacity: int) -> str:
+    """The ``-fuse`` contender's mount of the bucket at ``workdir/mnt``, unmounted when ``stack`` closes:
+    a peer's over ``endpoint`` (its cache bounded to ``capacity`` where it can be), else ``igtcache mount``
+    of the daemon's remote."""
     from igtcache.fuse.cli import start_background
     from igtcache.fuse.unmount import unmount
 
     mountpoint = workdir / "mnt"
     mountpoint.mkdir()
+    if (peer := _peer(contender)) is not None:
+        return stack.enter_context(mount_peer(peer, endpoint, BUCKET, mountpoint, workdir, cache_bytes=capacity))
     process = start_background([REMOTE_NAME, str(mountpoint), "--daemon", socket_path])
     stack.callback(process.wait, 60)
     stack.callback(unmount, str(mountpoint))
     return str(mountpoint)
+
+
+def _peer(contender: str) -> str | None:
+    """The FUSE peer that ``contender`` mounts, or None."""
+    peer = contender.removesuffix("-fuse")
+    return peer if peer in PEERS and contender.endswith("-fuse") else None
+
+
+def contender_unusable(contender: str) -> str | None:
+    """Why ``contender`` cannot run here (it needs FUSE, or a peer's binary), or None if it can."""
+    if (peer := _peer(contender)) is not None:
+        return peer_unusable(peer)
+    return fuse_unusable() if contender.endswith("-fuse") else None
 
 
 def _ratios(counts: dict, names: dict[str, str]) -> dict:
@@ -199,7 +224,7 @@ def _run_jobs(contender: str, scenario: Scenario, crcs: dict[str, int], proxy: S
         spec = JobSpec(name=name, contender=contender, endpoint=proxy.endpoint, bucket=BUCKET, reads=reads,
                        crcs={k: crcs[k] for k in keys}, sizes={k: scenario.sizes[k] for k in keys},
                        cache_dir=str(workdir / f"{contender}-{name}"), budget=capacity // len(scenario.jobs),
-                       socket=socket_path, mountpoint=mountpoint if name == FUSE_JOB else None)
+                       socket=socket_path, mountpoint=mountpoint if name == FUSE_JOB or _peer(contender) else None)
         process = ctx.Process(target=run_job, args=(spec, barrier, progress[name], results), daemon=True)
         process.start()
         processes.append(process)
@@ -321,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity", type=float, default=0.2, help="cache capacity as a fraction of the data set "
                         "(default 0.2)")
     parser.add_argument("--contenders", help=f"comma-separated (default all: {','.join(CONTENDERS)}; "
-                        "the -fuse one only where FUSE works)")
+                        "the -fuse ones only where FUSE and their mount program work)")
     parser.add_argument("--endpoint", help="an S3-compatible server to use (dummy credentials 'testing'); "
                         "default: moto on 127.0.0.1")
     parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY_S,
@@ -340,12 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         _parser().error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
-    fuse_contenders = [c for c in contenders if c.endswith("-fuse")]
-    if fuse_contenders and (why := fuse_unusable()):
-        if args.contenders:
-            _parser().error(f"{', '.join(fuse_contenders)} need FUSE: {why}")
-        _note(f"skipping {', '.join(fuse_contenders)}: {why}")
-        contenders = [c for c in contenders if c not in fuse_contenders]
+    unusable = {c: why for c in contenders if (why := contender_unusable(c))}
+    if unusable and args.contenders:
+        _parser().error("; ".join(f"{c} cannot run: {why}" for c, why in unusable.items()))
+    for contender, why in unusable.items():
+        _note(f"skipping {contender}: {why}")
+    contenders = [c for c in contenders if c not in unusable]
     scenario = mix(args.scale, args.seed)
     capacity = int(scenario.total_bytes * args.capacity)
     server = None

@@ -18,8 +18,10 @@ from typing import Any
 import fsspec
 
 MiB = 1 << 20
-CONTENDERS = ("s3fs", "blockcache", "simplecache", "igtcache-lru", "igtcache-igt", "igtcache-igt-fuse")
-#: The job that reads through the FUSE mount in the ``-fuse`` contender (the others use the plugin).
+CONTENDERS = ("s3fs", "blockcache", "simplecache", "igtcache-lru", "igtcache-igt", "igtcache-igt-fuse",
+              "rclone-fuse", "s3fs-fuse")
+#: The job that reads through the mount in ``igtcache-igt-fuse`` (the others use the plugin); in a peer's
+#: ``-fuse`` contender every job reads through its mount.
 FUSE_JOB = "train"
 
 
@@ -30,8 +32,8 @@ class JobSpec:
     ``reads`` is ``(key, chunk)`` in order (``chunk`` 0: the whole file in one
     read); ``crcs`` the expected CRC-32 of each key. ``budget`` bounds a
     per-process fsspec cache (whole files, least recently used dropped first);
-    ``socket`` is the igtcache daemon's; ``mountpoint``, if set, is an ``igtcache mount`` of the bucket that the
-    job reads through instead, as training code that only knows paths does.
+    ``socket`` is the igtcache daemon's; ``mountpoint``, if set, is a FUSE mount of the bucket (``igtcache mount``
+    or a peer's) that the job reads through instead, as training code that only knows paths does.
     """
 
     name: str
@@ -107,7 +109,7 @@ def run_job(spec: JobSpec, barrier, progress, results) -> None:
     result = {"name": spec.name, "pid": os.getpid(), "seconds": None, "reads": 0, "bytes": 0, "bad": 0,
               "error": None}
     try:
-        fs = make_filesystem(spec)
+        fs = None if spec.mountpoint else make_filesystem(spec)
         budget = _Budget(fs, spec.contender, spec.budget)
         barrier.wait()
         started = time.perf_counter()

@@ -12,10 +12,9 @@ import sys
 import threading
 import time
 
-from igtcache.bench.e2e import mix
+from igtcache.bench.e2e import contender_unusable, mix
 from igtcache.bench.e2e_jobs import CONTENDERS
 from igtcache.bench.shaping_proxy import ShapingProxy
-from igtcache.fuse.available import fuse_unusable
 
 
 def test_tiny_mix_runs_every_contender_with_correct_reads(tmp_path):
@@ -28,7 +27,7 @@ def test_tiny_mix_runs_every_contender_with_correct_reads(tmp_path):
     report = json.loads(out.stdout)
     scenario = mix("tiny")
     assert report["capacity_bytes"] == int(0.2 * scenario.total_bytes)
-    expected = [c for c in CONTENDERS if not (c.endswith("-fuse") and fuse_unusable())]
+    expected = [c for c in CONTENDERS if contender_unusable(c) is None]
     assert [r["contender"] for r in report["results"]] == expected
     for result in report["results"]:
         assert list(result["jobs"]) == list(scenario.jobs)
