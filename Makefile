@@ -5,14 +5,17 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 
-# The FUSE mount needs fusermount3 (Debian package fuse3) and the cluster tier's tests
-# redis-server: each installed only where it is missing and we may (root, apt-get);
-# elsewhere their tests skip, saying why. The tests start their own Redis nodes, so
-# the system service apt may start is stopped and disabled.
+# The FUSE mount needs fusermount3 (Debian package fuse3), the FUSE benchmarks' peers
+# rclone and s3fs, and the cluster tier's tests redis-server: each installed only where
+# it is missing and we may (root, apt-get); elsewhere their tests skip, saying why. The
+# tests start their own Redis nodes, so the system service apt may start is stopped and disabled.
 setup: $(VENV)/.installed
 	@command -v fusermount3 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; } \
 		|| echo "note: fuse3 is not installed; the FUSE tests will be skipped"
+	@{ command -v rclone && command -v s3fs; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq rclone s3fs >/dev/null; } \
+		|| echo "note: rclone or s3fs is not installed; the tests of the FUSE peers will be skipped"
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq redis-server >/dev/null \
 		&& { service redis-server stop >/dev/null 2>&1; systemctl disable redis-server >/dev/null 2>&1; true; }; } \
