@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from igtcache.cli_advice import remote_advice, socket_advice
 from igtcache.policies import LIVE_POLICIES
 from igtcache.sizes import size_argument
 
@@ -185,7 +186,9 @@ def _daemon_client(args):
         return client.for_remote(name)
     except (DaemonError, MountError) as exc:
         if args.daemon is not None:
-            raise MountError(f"{exc}; mount with --embedded to run the cache in the mount process") from None
+            advice = socket_advice(socket_path, "--daemon") if isinstance(exc, DaemonError) else None
+            fallback = "mount with --embedded to run the cache in the mount process"
+            raise MountError(f"{exc}; {advice}; or {fallback}" if advice else f"{exc}; {fallback}") from None
         log.warning("%s; running the cache in the mount process instead", exc)
         return None
 
@@ -214,18 +217,37 @@ def _backend(args) -> tuple[Any, Any]:
     client = _daemon_client(args)
     if client is not None:
         return client, None  # the daemon takes no uploads
-    from igtcache import Cache
+    from igtcache import Cache, CacheDirInUse
 
-    cache = Cache(
-        args.remote, storage_options=args.storage_options, cache_dir=args.cache_dir,
-        memory_bytes=args.memory, disk_bytes=args.disk, block_size=args.block_size,
-        policy=args.policy, ttl=args.ttl, retries=args.retries, timeout=args.timeout,
-    )
+    try:
+        cache = Cache(
+            args.remote, storage_options=args.storage_options, cache_dir=args.cache_dir,
+            memory_bytes=args.memory, disk_bytes=args.disk, block_size=args.block_size,
+            policy=args.policy, ttl=args.ttl, retries=args.retries, timeout=args.timeout,
+        )
+    except CacheDirInUse as exc:
+        raise MountError(f"{exc}: stop that process, or give this mount another --cache-dir (or read through "
+                         "the daemon that holds it, if that is one: drop --embedded)") from None
 
     def upload(path: str, local: str) -> None:
         cache.remote.fs.put_file(local, cache.remote.full_path(path))
 
     return cache, upload
+
+
+def _check_remote(backend: Any, remote: str, through_daemon: bool) -> None:
+    """Fail before mounting when REMOTE's root cannot be read (no credentials, a wrong endpoint,
+    access denied), instead of mounting a file system whose every read is EIO. A missing root
+    (an empty prefix) and a daemon that stops answering are left to the mount, as before."""
+    from igtcache import RemoteError
+    from igtcache.daemon_client import DaemonError
+
+    try:
+        backend.info("")
+    except (FileNotFoundError, IsADirectoryError, DaemonError):
+        return
+    except (RemoteError, PermissionError, TimeoutError) as exc:
+        raise MountError(f"cannot read {remote}: {exc}\n{remote_advice(remote, through_daemon)}") from None
 
 
 def _ready_signal(args):
@@ -250,11 +272,13 @@ def _serve(args) -> int:
     from igtcache.fuse.runner import serve
 
     if not os.path.isdir(args.mountpoint):
-        raise MountError(f"mount point {args.mountpoint!r} is not a directory")
+        raise MountError(f"mount point {args.mountpoint!r} is not a directory; mount on an existing empty "
+                         f"directory (mkdir -p {args.mountpoint})")
     backend, uploader = _backend(args)
     try:
         if args.writable and uploader is None:
             raise MountError("--writable cannot go through the daemon (it takes no uploads); drop --daemon")
+        _check_remote(backend, args.remote, through_daemon=uploader is None)
         ops = CacheFS(backend, ttl=args.ttl, writable=args.writable, uploader=uploader, direct_io=args.direct_io)
         serve(
             ops, os.path.abspath(args.mountpoint), read_only=not args.writable, allow_other=args.allow_other,

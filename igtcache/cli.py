@@ -75,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"igtcache: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if command == "bench":
-        return bench(rest)
-    return importlib.import_module(COMMANDS[command][0]).main(rest)
+    try:
+        if command == "bench":
+            return bench(rest)
+        return importlib.import_module(COMMANDS[command][0]).main(rest)
+    except SystemExit as exc:
+        if exc.code == 2:  # argparse has printed what it could not take
+            print(f"igtcache: `igtcache {command} --help` lists what {command} takes", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

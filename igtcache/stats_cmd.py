@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from igtcache.cli_advice import socket_advice
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon_client import DaemonClient, DaemonError
 from igtcache.sizes import format_size
@@ -99,9 +100,10 @@ def _stream(stream: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    socket_path = args.socket or default_socket_path()
     client = None
     try:
-        client = DaemonClient(args.socket or default_socket_path())
+        client = DaemonClient(socket_path)
         while True:
             stats = client.daemon_stats()
             if args.json:
@@ -114,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             time.sleep(args.watch)
     except DaemonError as exc:
-        print(f"igtcache stats: {exc}", file=sys.stderr)
+        advice = socket_advice(socket_path)
+        print(f"igtcache stats: {exc}" + (f"\nigtcache stats: {advice}" if advice else ""), file=sys.stderr)
         return 1
+    except ValueError as exc:  # $IGTCACHE_DAEMON_TIMEOUT or $IGTCACHE_DAEMON_UID not understood
+        print(f"igtcache stats: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     finally:
