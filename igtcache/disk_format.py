@@ -18,6 +18,7 @@ A block key is 16 bytes of BLAKE2b over ``path \\0 version`` then the block inde
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from functools import lru_cache
 from typing import NamedTuple
@@ -129,6 +130,21 @@ def decode_meta(value: bytes | memoryview) -> MetaRecord:
     raw = bytes(value[at:])
     return MetaRecord(raw[version_len:].decode("utf-8", "surrogatepass"), size,
                       raw[:version_len].decode("utf-8", "surrogatepass"), fresh_until, boot)
+
+
+_LMDB_MAGIC = 0xBEEFC0DE
+_LMDB_META = struct.Struct("<IIQQ")  # after the page header: magic, version, address, map size
+
+
+def map_size_of(data_file: str | os.PathLike) -> int:
+    """The map size the environment's writer set (from ``data.mdb``'s first meta page): a reader
+    must map as much, or LMDB refuses its transactions once the data outgrows the reader's map."""
+    with open(data_file, "rb") as f:
+        raw = f.read(16 + _LMDB_META.size)
+    magic, _version, _address, map_size = _LMDB_META.unpack_from(raw, 16)
+    if magic != _LMDB_MAGIC:
+        raise ValueError(f"{data_file} is not an LMDB data file")
+    return map_size
 
 
 @lru_cache(maxsize=1)

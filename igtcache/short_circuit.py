@@ -35,8 +35,10 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import math
 import os
 import stat
+import struct
 import threading
 import time
 import weakref
@@ -46,7 +48,8 @@ from typing import Callable
 import lmdb
 
 from igtcache.disk_format import (
-    DATABASES, ENV_NAME, FORMAT_VERSION, MetaRecord, boot_id, decode_meta, object_digest, path_key, verified,
+    DATABASES, ENV_NAME, FORMAT_VERSION, MetaRecord, boot_id, decode_meta, map_size_of, object_digest, path_key,
+    verified,
 )
 from igtcache.hit_report import HitLog
 
@@ -97,8 +100,6 @@ class DiskTierReader:
         self.remote_id = remote_id
         self.owner = owner
         self._report = report
-        self.damaged = 0  # pieces that failed their checksum here (the daemon then reads them)
-        self.reports_failed = 0
         self._fork_state()
 
     def _after_fork(self) -> None:
@@ -112,6 +113,9 @@ class DiskTierReader:
     def _fork_state(self) -> None:
         """Everything that belongs to one process, made anew in a forked child."""
         self._pid = os.getpid()
+        self.served = 0  # reads served in this process
+        self.damaged = 0  # pieces that failed their checksum here (the daemon then reads them)
+        self.reports_failed = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         self._snapshots: list[_Snapshot] = []
@@ -134,9 +138,9 @@ class DiskTierReader:
                     raise ShortCircuitUnavailable(f"{path} is not the daemon's (uid {info.st_uid}, not {self.owner})")
                 if path != target / "lock.mdb" and info.st_mode & 0o022:
                     raise ShortCircuitUnavailable(f"{path} is writable by others than the daemon")
-            env = lmdb.open(str(target), readonly=True, create=False, lock=True, max_dbs=len(DATABASES),
-                            readahead=False)
-        except (OSError, lmdb.Error) as exc:
+            env = lmdb.open(str(target), map_size=map_size_of(data_file), readonly=True, create=False, lock=True,
+                            max_dbs=len(DATABASES), readahead=False)
+        except (OSError, ValueError, struct.error, lmdb.Error) as exc:
             if isinstance(exc, ShortCircuitUnavailable):
                 raise
             raise ShortCircuitUnavailable(f"cannot open the disk tier at {target}: {exc}") from None
@@ -169,11 +173,13 @@ class DiskTierReader:
         except lmdb.Error:
             return None
         try:
-            return self._fresh_meta(snapshot.txn, path, now)
+            meta = self._fresh_meta(snapshot.txn, path, now)
         except lmdb.Error:
-            return None
-        finally:
-            snapshot.lock.release()
+            meta = None
+        if meta is None:
+            snapshot.began = -math.inf  # the daemon is about to store what it finds: look anew next time
+        snapshot.lock.release()
+        return meta
 
     def read(self, path: str, offset: int, size: int, job: str, out: memoryview | None = None) -> bytes | int | None:
         """Bytes ``[offset, offset+size)`` of ``path`` (``size`` -1: to the end), or with ``out`` the
@@ -188,11 +194,13 @@ class DiskTierReader:
             found = self._serve(snapshot.txn, path, offset, size, now, out)
         except lmdb.Error:
             found = None
-        finally:
-            snapshot.lock.release()
+        if found is None:
+            snapshot.began = -math.inf  # the daemon is about to store what it finds: look anew next time
+        snapshot.lock.release()
         if found is None:
             return None
         result, meta, length = found
+        self.served += 1
         if length:
             self.log.add(job, path, meta.version, meta.size, offset, length, now)
             if len(self.log) >= REPORT_AT:
@@ -294,11 +302,18 @@ class DiskTierReader:
             if reader is None or reader._pid != pid:
                 return
             wake = reader._wake
-            reader.flush()
-            reader._release_idle(time.monotonic())
-            reader._recheck(time.monotonic())
+            try:
+                reader.flush()
+                busy = reader._release_idle(time.monotonic())
+                reader._recheck(time.monotonic())
+            except Exception:  # noqa: BLE001 - the janitor must outlive any one failure
+                log.debug("short-circuit janitor", exc_info=True)
+                busy = True
+            if isinstance(reader._env, _Closed):
+                reader.flush()
+                return
             del reader
-            wake.wait(REPORT_EVERY)
+            wake.wait(REPORT_EVERY if busy else RECHECK_EVERY)
             wake.clear()
 
     def flush(self) -> None:
@@ -311,7 +326,8 @@ class DiskTierReader:
                 log.debug("reporting hits to the daemon failed: %s", exc)
                 return
 
-    def _release_idle(self, now: float) -> None:
+    def _release_idle(self, now: float) -> bool:
+        """Release snapshots idle for ``IDLE_RELEASE``; whether any snapshot or logged hit remains."""
         with self._lock:
             snapshots = list(self._snapshots)
         for snapshot in snapshots:
@@ -326,6 +342,7 @@ class DiskTierReader:
                     snapshot.lock.release()
         with self._lock:
             self._snapshots = [s for s in self._snapshots if s.thread.is_alive() or s.txn is not None]
+            return len(self.log) > 0 or any(s.txn is not None for s in self._snapshots)
 
     def _recheck(self, now: float) -> None:
         """Reopen the tier if the daemon replaced its environment (moved a damaged or mismatched one aside)."""
@@ -337,10 +354,13 @@ class DiskTierReader:
             if (info.st_dev, info.st_ino) == self._identity:
                 return
             env, identity = self._open()
-        except ShortCircuitUnavailable as exc:
-            log.info("short-circuit reads stop: %s", exc)
+        except OSError as exc:  # ShortCircuitUnavailable included
+            log.info("short-circuit reads from %s stop: %s", self.directory, exc)
             self._env = _Closed()
             self.refresh()
+            with _readers_lock:
+                if _readers.get(self.directory) is self:
+                    del _readers[self.directory]
             return
         self._env, self._identity = env, identity
         self.refresh()

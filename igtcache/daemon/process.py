@@ -51,7 +51,7 @@ class DaemonProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"igtcache serve exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with DaemonClient(self.socket_path) as client:
+                with DaemonClient(self.socket_path, short_circuit=False) as client:
                     if client.health()["pid"] == self.process.pid:
                         return self
             except (DaemonError, ValueError):
