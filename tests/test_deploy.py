@@ -258,8 +258,9 @@ def test_the_example_job_reaches_the_daemons_socket_and_trusts_its_user():
     config = daemon_config()
     pod = manifest("Job")["spec"]["template"]["spec"]
     container, = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["IGTCACHE_SOCKET"] == config.socket
+    assert env["IGTCACHE_JOB"], "without it every pod's job is its pid, 1 in most containers"
     assert int(env["IGTCACHE_DAEMON_UID"]) == daemon_pod()["spec"]["securityContext"]["runAsUser"]
     assert int(config.socket_group) in pod["securityContext"]["supplementalGroups"]
     mount, = container["volumeMounts"]
