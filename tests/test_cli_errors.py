@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
@@ -17,7 +18,9 @@ PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """``python -m igtcache.cli ARGS`` as a user runs it, its output captured."""
     return subprocess.run([sys.executable, "-m", "igtcache.cli", *args], capture_output=True, text=True,
                           timeout=120, env=env, preexec_fn=preexec_fn, stdin=subprocess.DEVNULL)
 
