@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(COMMANDS[command][0]).main(rest)
     except SystemExit as exc:
         if exc.code == 2:  # argparse has printed what it could not take
-            print(f"igtcache: `igtcache {command} --help` lists what {command} takes", file=sys.stderr)
+            words = [command, rest[0]] if command == "bench" and rest and rest[0] in BENCHMARKS else [command]
+            print(f"igtcache: `igtcache {' '.join(words)} --help` lists what it takes", file=sys.stderr)
         raise
 
 

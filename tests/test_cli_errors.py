@@ -146,12 +146,13 @@ def test_a_second_daemon_on_a_cache_dir_in_use_says_what_to_do(daemon_holding, t
 # ------------------------------------------------------------------ options
 
 
-@pytest.mark.parametrize("command", [["serve", "--remote", "memory://x"], ["stats"], ["mount", "a", "b"],
-                                     ["cluster", "status"], ["bench", "engine"]])
-def test_an_unknown_option_points_at_the_commands_help(command):
-    name = command[0]
+@pytest.mark.parametrize("command, help_of", [
+    (["serve", "--remote", "memory://x"], "serve"), (["stats"], "stats"), (["mount", "a", "b"], "mount"),
+    (["cluster", "status"], "cluster"), (["bench", "engine"], "bench engine"),
+])
+def test_an_unknown_option_points_at_the_commands_help(command, help_of):
     assert_actionable(run_cli(*command, "--no-such-option"), "unrecognized arguments: --no-such-option",
-                      f"`igtcache {name} --help`")
+                      f"`igtcache {help_of} --help`")
 
 
 @pytest.mark.parametrize("args, advice", [
