@@ -223,8 +223,12 @@ def _upload(s3, local: Path, names: list[str]) -> None:
                           aws_access_key_id="testing", aws_secret_access_key="testing")
     s3.create_bucket(BUCKET)
     keys = [DATA, *(f"{SMALL}/{name}" for name in names)]
-    with ThreadPoolExecutor(8) as threads:
-        list(threads.map(lambda key: client.upload_file(str(local / key), BUCKET, key), keys))
+    def put(key: str) -> None:
+        with open(local / key, "rb") as body:
+            client.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+    with ThreadPoolExecutor(8) as threads:  # within boto3's 10 pooled connections
+        list(threads.map(put, keys))
 
 
 def _igtcache_mount(stack: contextlib.ExitStack, mountpoint: Path, remote: str, options: list[str]) -> str:

@@ -57,8 +57,9 @@ def _rclone(endpoint: str, bucket: str, mountpoint: str, cache_dir: str,
     command = ["rclone", "mount", f"m:{bucket}", mountpoint, "--vfs-cache-mode", "full",
                "--cache-dir", cache_dir, "--read-only", "--config", "/dev/null"]
     if cache_bytes is not None:
-        # rclone trims its cache to the bound once per poll (default a minute): poll often enough to hold it
-        command += ["--vfs-cache-max-size", str(cache_bytes), "--vfs-cache-poll-interval", "1s"]
+        # rclone trims its cache to the bound once per poll (default a minute): poll often enough to hold it.
+        # A size without a unit is KiB to rclone.
+        command += ["--vfs-cache-max-size", f"{cache_bytes}B", "--vfs-cache-poll-interval", "1s"]
     return command, env
 
 

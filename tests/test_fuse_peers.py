@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 
 import pytest
@@ -56,6 +57,27 @@ def test_peer_mount_reads_every_object_byte_exact_and_goes_away(peer, bucket, tm
                 with open(os.path.join(mounted, key), "rb") as f:
                     assert zlib.crc32(f.read()) == zlib.crc32(body), f"{peer} read {key} wrong"
     assert not is_mounted(mountpoint)
+
+
+def test_rclone_cache_is_held_to_its_bound(bucket, tmp_path):
+    _skip_unusable("rclone")
+    endpoint, data = bucket
+    bound = 200_000
+    (tmp_path / "mnt").mkdir()
+    with mount_peer("rclone", endpoint, BUCKET, tmp_path / "mnt", tmp_path, cache_bytes=bound) as mounted:
+        for key in data:
+            with open(os.path.join(mounted, key), "rb") as f:
+                f.read()
+        deadline = time.monotonic() + 10
+        while _disk_use(tmp_path / "rclone-cache" / "vfs") > bound and time.monotonic() < deadline:
+            time.sleep(0.2)  # rclone trims its cache once per poll (a second)
+        assert _disk_use(tmp_path / "rclone-cache" / "vfs") <= bound
+
+
+def _disk_use(folder) -> int:
+    """Bytes allocated to the files under ``folder`` (rclone's cache files are sparse)."""
+    return sum(os.stat(os.path.join(root, name)).st_blocks * 512
+               for root, _, names in os.walk(folder) for name in names)
 
 
 @pytest.mark.parametrize("peer", PEERS)
