@@ -105,6 +105,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._strip_protocol = lambda path: target_cls._strip_protocol(cls._strip_protocol(path))
         self._pid = os.getpid()
         self._target_fs: fsspec.AbstractFileSystem | None = fs
+        self._engine_fs: fsspec.AbstractFileSystem | None = None
         self._daemon: list[tuple[str, DaemonClient]] | None = None  # (root, client), longest root first
         self._not_attached: list[str] = []  # why the daemon's remotes of this protocol are not this one
         self._engines: dict[str, Cache] = {}
@@ -176,6 +177,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._engines = {}
         self._pid = os.getpid()
         self._target_fs = self._given_fs
+        self._engine_fs = None
         weakref.finalize(self, _close_engines, self._engines, self._pid)
 
     def _engine(self, root: str) -> Cache:
@@ -189,11 +191,20 @@ class IgtcacheFileSystem(ChainedFileSystem):
         cache_dir = None
         if self._cache_dir is not None:
             cache_dir = os.path.join(self._cache_dir, re.sub(r"[^A-Za-z0-9._-]+", "-", root).strip("-") or "root")
+        remote = self._given_fs or self._engine_target()
         try:
-            return Cache(self._target(), root=root, cache_dir=cache_dir, **self._engine_options)
+            return Cache(remote, root=root, cache_dir=cache_dir, **self._engine_options)
         except CacheDirInUse as exc:
             log.warning("%s; this process caches in memory only (run `igtcache serve` to share one cache)", exc)
-            return Cache(self._target(), root=root, **self._engine_options)
+            return Cache(remote, root=root, **self._engine_options)
+
+    def _engine_target(self) -> fsspec.AbstractFileSystem:
+        """The target filesystem for embedded engines: an instance of their own, since an engine's
+        revalidation drops the target's listing cache around the object, which this filesystem's
+        listings and directory checks answer from."""
+        if self._engine_fs is None:
+            self._engine_fs = fsspec.filesystem(self.target_protocol, **{**self.target_options, "skip_instance_cache": True})
+        return self._engine_fs
 
     def _target(self) -> fsspec.AbstractFileSystem:
         self._after_fork()
@@ -301,10 +312,8 @@ class IgtcacheFileSystem(ChainedFileSystem):
             return False
 
     def isdir(self, path: str) -> bool:
-        try:
-            return self._cached_info(path)["type"] == "directory"
-        except (FileNotFoundError, PermissionError):
-            return False
+        """Asked of the target, whose listing cache answers it; the cache keeps no directories."""
+        return self._target().isdir(self._strip_protocol(path))
 
     def modified(self, path: str) -> datetime.datetime:
         """When the object's version was last modified, from the target's info (S3 ``LastModified``,
@@ -342,6 +351,8 @@ class IgtcacheFileSystem(ChainedFileSystem):
         path = self._strip_protocol(path)
         if "r" in mode:
             return IgtcacheFile(self, path, mode=mode, block_size=block_size, cache_options=cache_options, **kwargs)
+        if "x" in mode and self._target().exists(path):
+            raise FileExistsError(path)  # at open, as for a local file; the target may only refuse at close (S3)
         if block_size != "default":
             kwargs["block_size"] = block_size
         return _WriteThrough(self._target().open(path, mode, **kwargs), lambda: self.invalidate(path))
