@@ -4,7 +4,7 @@ A :class:`Reader` is one job's reads of one object. It notices contiguous
 reads (a scan), measures how fast the scan consumes bytes, and remembers how
 far ahead blocks were already requested. :class:`Readahead` turns that rate
 and the remote's measured fetch time into a depth: enough blocks in flight to
-hide the fetch time, capped.
+hide the fetch time, capped, and none that would arrive too late.
 """
 
 from __future__ import annotations
@@ -88,15 +88,14 @@ class Readahead:
         """Blocks ``(first, last)`` past a read's last block worth requesting now.
 
         A block ``d`` blocks ahead is needed ``d * block_size / rate`` seconds
-        from now, so the scan needs ``lead = fetch_s * rate / block_size``
-        blocks in flight to stop waiting; one read's worth and one spare
-        keep it fed. The window starts at the next block: blocks are cached
-        when they arrive, whether demand or readahead, so a block requested
-        now lands sooner than the demand fetch its read would start (even
-        within the lead, where it arrives late). It ends at ``cap`` (and
-        ``max_depth``) blocks ahead.
+        from now, so the first ``lead = fetch_s * rate / block_size`` blocks
+        cannot arrive in time: they are left to demand fetches (a late
+        prefetch is a miss for every read before it lands). Past the lead,
+        one read's worth and one spare keep the scan fed; the window ends at
+        ``cap`` (and ``max_depth``) blocks ahead, so a scan too fast for the
+        cap gets no readahead. ``first > last`` means nothing to request.
         """
         if rate is None:
             return 1, min(cap, self.max_depth, DEFAULT_DEPTH)
         lead = math.ceil(self.fetch_s * rate / block_size)
-        return 1, min(cap, self.max_depth, lead + read_blocks + 1)
+        return lead + 1, min(cap, self.max_depth, lead + read_blocks + 1)
