@@ -88,7 +88,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.target_protocol = target_protocol or (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0])
-        self.target_options = dict(target_options or {})
+        self.target_options = _without_repeated_hop(self.target_protocol, dict(target_options or {}))
         self.socket = socket or default_socket_path()
         self.mode = mode
         self.job = job
@@ -481,6 +481,15 @@ def _per_path(value: int | None | list[int | None], count: int) -> list[int | No
     if len(value) != count:
         raise ValueError(f"{len(value)} starts or ends for {count} paths")
     return value
+
+
+def _without_repeated_hop(protocol: str, options: dict) -> dict:
+    """Target options less a hop that repeats the target. Hugging Face ``datasets`` names each file
+    that a chained pattern ``igtcache::s3://b/*.parquet`` matched ``igtcache::s3://b/x.parquet::s3://b/*.parquet``,
+    and fsspec hands the last hop to the target as chaining options that it cannot take."""
+    if options.get("target_protocol") == protocol and "target_options" in options:
+        return dict(options["target_options"])
+    return options
 
 
 def _utc(timestamp: float | None, what: str, path: str, protocol: str) -> datetime.datetime:
