@@ -377,6 +377,8 @@ class Cache:
             self._register(plan.fetches)
             waits = {key.index: self._inflight[key] for key in plan.demand}
         self._start(plan.fetches)
+        for key in plan.waiting:  # readahead this read now waits for: no longer behind other readahead
+            self.source.promote(key)
         return self._gather(plan, info, waits, out)
 
     def _gather(self, plan: ReadPlan, info: ObjectInfo, waits: dict, out) -> bytes | int:
@@ -543,11 +545,12 @@ class Cache:
             self._inflight[fetch.key] = concurrent.futures.Future()
 
     def _start(self, fetches: list[Fetch]) -> None:
-        """Start the driver's fetches on the remote, demand first; each is stored when it arrives."""
+        """Start the driver's fetches on the remote (readahead yields the link to demand fetches);
+        each is stored when it arrives."""
         for fetch in fetches:
             start = fetch.key.index * self.block_size
             started = time.monotonic()
-            remote_future = self.source.fetch(fetch.key, start, start + fetch.length)
+            remote_future = self.source.fetch(fetch.key, start, start + fetch.length, readahead=fetch.prefetched)
             remote_future.add_done_callback(
                 lambda done, fetch=fetch, started=started: self._store_pool.submit(
                     self._arrived, fetch, done, time.monotonic() - started

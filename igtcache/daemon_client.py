@@ -57,6 +57,7 @@ DEFAULT_TIMEOUT = 60.0
 TIMEOUT_ENV = "IGTCACHE_DAEMON_TIMEOUT"
 UID_ENV = "IGTCACHE_DAEMON_UID"
 SHORT_CIRCUIT_ENV = "IGTCACHE_SHORT_CIRCUIT"
+NORMALIZED_PATHS = 1 << 16  # paths a client remembers normalized, for the hit path
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ class DaemonClient:
             short_circuit = os.environ.get(SHORT_CIRCUIT_ENV, "1") not in ("0", "false", "no", "off")
         self.short_circuit = short_circuit
         self._disk = self._attach_disk() if short_circuit and remote_name is not None else None
+        self._normalized: dict[str, str] = {}  # paths as given -> as the remote names them
+        self._default_job = (-1, "")  # (pid, job) of reads that name none
 
     def _attach_disk(self) -> DiskTierReader | None:
         """A reader of the remote's disk tier in this process, or ``None`` (one log line saying why)."""
@@ -223,6 +226,11 @@ class DaemonClient:
     def short_circuited(self) -> bool:
         """Whether this client serves hits from the daemon's disk tier itself."""
         return self._disk is not None
+
+    @property
+    def served_here(self) -> int:
+        """Reads this process served from the daemon's disk tier (by every client of that tier)."""
+        return self._disk.served if self._disk is not None else 0
 
     @property
     def remotes(self) -> dict[str, dict[str, Any]]:
@@ -395,11 +403,23 @@ class DaemonClient:
 
     def _from_disk(self, path: str, offset: int, size: int, job: str | None, out: memoryview | None):
         """A read served from the disk tier in this process, or ``None`` for the daemon to serve."""
-        try:
-            rel = normalize_path(path)
-        except ValueError:
-            return None  # the daemon says what is wrong with the path
-        return self._disk.read(rel, offset, size, self._job(job), out)
+        rel = self._normalized.get(path)
+        if rel is None:
+            try:
+                rel = normalize_path(path)
+            except ValueError:
+                return None  # the daemon says what is wrong with the path
+            if len(self._normalized) >= NORMALIZED_PATHS:
+                self._normalized.clear()
+            self._normalized[path] = rel
+        if job:
+            job = str(job)
+        elif self._default_job[0] == os.getpid():
+            job = self._default_job[1]
+        else:
+            job = self._job(None)
+            self._default_job = (os.getpid(), job)
+        return self._disk.read(rel, offset, size, job, out)
 
     def _exchange(self, request: bytes, into: memoryview | None) -> Any:
         """Send one request and read its response.

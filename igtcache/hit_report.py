@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,34 +50,36 @@ class Report:
 class HitLog:
     """Reads served in this process, waiting to be reported; thread-safe.
 
-    ``add`` is the hit path's only cost: an append under a lock. ``take``
-    drains what one report can carry. Past ``MAX_WAITING`` reads (a daemon that
-    does not take reports), new reads are dropped and counted, never blocking a read.
+    ``add`` is the hit path's only cost: one append to a deque (atomic, no
+    lock). ``take`` drains what one report can carry.
+    Past ``MAX_WAITING`` reads (a daemon that does not take reports), new reads
+    are dropped and counted, never blocking a read.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reads: list[tuple[str, str, str, int, int, int, float]] = []
+        self._reads: deque[tuple[str, str, str, int, int, int, float]] = deque()
+        self._taking = threading.Lock()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._reads)
 
     def add(self, job: str, path: str, version: str, object_size: int, offset: int, size: int, ts: float) -> None:
-        with self._lock:
-            if len(self._reads) >= MAX_WAITING:
-                self.dropped += 1
-                return
-            self._reads.append((job, path, version, object_size, offset, size, ts))
+        if len(self._reads) >= MAX_WAITING:
+            self.dropped += 1
+            return
+        self._reads.append((job, path, version, object_size, offset, size, ts))
 
     def take(self, remote: str) -> bytes | None:
         """One report's payload of the oldest waiting reads, or ``None`` if there are none."""
-        with self._lock:
+        with self._taking:
             if not self._reads and not self.dropped:
                 return None
-            taken, budget = 0, MAX_REPORT - _HEAD.size - len(remote.encode()) - 4096
+            budget = MAX_REPORT - _HEAD.size - len(remote.encode()) - 4096
             names: set[str] = set()
-            for job, path, version, *_ in self._reads:
+            reads = []
+            while self._reads:
+                _job, path, version, *_ = self._reads[0]
                 cost = _READ_BYTES
                 if path not in names:
                     names.add(path)
@@ -84,8 +87,7 @@ class HitLog:
                 if cost > budget:
                     break
                 budget -= cost
-                taken += 1
-            reads, self._reads = self._reads[:taken], self._reads[taken:]
+                reads.append(self._reads.popleft())
             dropped, self.dropped = self.dropped, 0
         return encode_report(remote, reads, dropped)
 

@@ -73,7 +73,7 @@ class ShortCircuitUnavailable(OSError):
 class _Snapshot:
     """One thread's read transaction, and when it began and was last used."""
 
-    __slots__ = ("lock", "txn", "began", "used", "generation", "thread")
+    __slots__ = ("lock", "txn", "began", "used", "generation", "thread", "objects")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -81,6 +81,7 @@ class _Snapshot:
         self.began = self.used = 0.0
         self.generation = -1
         self.thread = threading.current_thread()
+        self.objects: dict[str, tuple[MetaRecord, bytes]] = {}  # looked up in this snapshot
 
 
 class DiskTierReader:
@@ -101,18 +102,31 @@ class DiskTierReader:
         self.owner = owner
         self._report = report
         self._fork_state()
+        self._env, self._identity = self._open()
 
     def _after_fork(self) -> None:
         """Drop the parent's environment and transactions untouched (py-lmdb leaves the parent's
         reader slots alone when a child deallocates them); only then may this process open the
         same files again."""
+        for snapshot in self._snapshots:
+            snapshot.txn = None
         self._env = self._local = self._snapshots = None
-        gc.collect()
         self._fork_state()
+        try:
+            self._env, self._identity = self._open()
+        except ShortCircuitUnavailable:
+            gc.collect()  # something still held the parent's environment: a full collection drops it
+            try:
+                self._env, self._identity = self._open()
+            except ShortCircuitUnavailable as exc:
+                log.info("short-circuit reads from %s stop in process %d: %s", self.directory, os.getpid(), exc)
+                self._env = _Closed()
 
     def _fork_state(self) -> None:
-        """Everything that belongs to one process, made anew in a forked child."""
+        """Everything that belongs to one process, made anew in a forked child (but the environment)."""
         self._pid = os.getpid()
+        self._forks = _forks[0]
+        self._boot = boot_id()
         self.served = 0  # reads served in this process
         self.damaged = 0  # pieces that failed their checksum here (the daemon then reads them)
         self.reports_failed = 0
@@ -123,7 +137,7 @@ class DiskTierReader:
         self._janitor: threading.Thread | None = None
         self._wake = threading.Event()
         self.log = HitLog()
-        self._env, self._identity = self._open()
+        self._identity: tuple[int, int] | None = None
         self._checked = time.monotonic()
 
     # ------------------------------------------------------------------ opening
@@ -191,7 +205,7 @@ class DiskTierReader:
         except lmdb.Error:
             return None
         try:
-            found = self._serve(snapshot.txn, path, offset, size, now, out)
+            found = self._serve(snapshot, path, offset, size, now, out)
         except lmdb.Error:
             found = None
         if found is None:
@@ -207,18 +221,24 @@ class DiskTierReader:
                 self._wake.set()
         return result
 
-    def _serve(self, txn: lmdb.Transaction, path: str, offset: int, size: int, now: float,
+    def _serve(self, snapshot: _Snapshot, path: str, offset: int, size: int, now: float,
                out: memoryview | None) -> tuple[bytes | int, MetaRecord, int] | None:
-        meta = self._fresh_meta(txn, path, now)
-        if meta is None:
+        found = snapshot.objects.get(path)
+        if found is None:
+            meta = self._fresh_meta(snapshot.txn, path, now)
+            if meta is None:
+                return None
+            found = snapshot.objects[path] = (meta, object_digest(path, meta.version))
+        meta, digest = found
+        if not meta.fresh(now, self._boot):
             return None
+        txn = snapshot.txn
         end = meta.size if size < 0 else min(meta.size, offset + size)
         if out is not None:
             end = min(end, offset + out.nbytes)
         if offset >= end:
             return (0 if out is not None else b""), meta, 0
         bs = self.block_size
-        digest = object_digest(path, meta.version)
         parts = []
         for index in range(offset // bs, (end - 1) // bs + 1):
             raw_key = digest + index.to_bytes(8, "big")
@@ -248,13 +268,13 @@ class DiskTierReader:
             meta = decode_meta(value)
         except ValueError:
             return None
-        return meta if meta.path == path and meta.fresh(now, boot_id()) else None
+        return meta if meta.path == path and meta.fresh(now, self._boot) else None
 
     # ------------------------------------------------------------------ snapshots
 
     def _snapshot(self, now: float) -> _Snapshot:
         """This thread's snapshot, locked, no older than ``RENEW_AFTER``; the caller releases its lock."""
-        if self._pid != os.getpid():
+        if self._forks != _forks[0]:
             self._after_fork()
         snapshot = getattr(self._local, "snapshot", None)
         if snapshot is None:
@@ -270,6 +290,7 @@ class DiskTierReader:
                 if snapshot.txn is not None:
                     snapshot.txn.abort()
                     snapshot.txn = None
+                snapshot.objects.clear()
                 snapshot.txn = self._env.begin(buffers=True)
                 snapshot.began, snapshot.generation = now, self._generation
         except BaseException:
@@ -377,6 +398,9 @@ class _Closed:
     def begin(self, **_kwargs) -> None:
         raise lmdb.Error("the disk tier is no longer readable here")
 
+
+_forks = [0]  # forks this process descends from: a reader made before the last one is its parent's
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 _readers: dict[Path, DiskTierReader] = {}
 _readers_lock = threading.Lock()

@@ -44,6 +44,7 @@ from aiohttp import web
 
 from igtcache import Cache, CacheDirInUse
 from igtcache.cluster_url import parse_cluster_url
+from igtcache.disk_tier import DiskTierError
 from igtcache.daemon.admission import ConnectionSlots, Refusals
 from igtcache.daemon.binary import Timeouts, serve_connection
 from igtcache.daemon.budget import ResponseBudget
@@ -237,11 +238,14 @@ class Daemon:
     async def _clear_stale_readers(self) -> None:
         """Free the disk tiers' reader slots that clients killed mid-read left behind (a slot held
         by a dead process would pin an old snapshot, and the file would grow)."""
-        loop = asyncio.get_running_loop()
         while True:
             for cache in self.service.caches.values():
                 if cache.disk is not None:
-                    cleared = await loop.run_in_executor(None, cache.disk.clear_stale_readers)
+                    try:
+                        cleared = cache.disk.clear_stale_readers()  # a scan of the lock file's table: microseconds
+                    except DiskTierError as exc:
+                        log.warning("%s", exc)
+                        continue
                     if cleared:
                         log.info("cleared %d reader slots of dead processes in %s", cleared, cache.disk.directory)
             await asyncio.sleep(STALE_READER_PERIOD)
