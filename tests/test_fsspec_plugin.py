@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import pickle
 import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -273,3 +275,111 @@ def test_pyarrow_reads_parquet_through_the_plugin(s3_server, s3, request, attach
     assert fs3.info(path)["size"] > 0
     assert pq.read_table(path, filesystem=igt).equals(table)
     assert pq.ParquetFile(igt.open(path, "rb")).read_row_group(2).equals(table.slice(10000, 5000))
+
+
+@pytest.fixture(params=["attached", "embedded"])
+def backend(request):
+    request.getfixturevalue("daemon" if request.param == "attached" else "no_daemon")
+    return request.param
+
+
+def test_info_modified_created_and_ukey_come_from_the_target_and_the_version(s3_server, objects, backend):
+    fs3, prefix, data = objects
+    igt = _fs(s3_server)
+    path = f"{prefix}/data/part-2.bin"
+    target = fs3.info(path)
+    info = igt.info(path)
+    assert {key: info[key] for key in ("ETag", "LastModified", "size", "type")} == \
+           {key: target[key] for key in ("ETag", "LastModified", "size", "type")}
+    assert info["version"] == target["ETag"].strip('"')
+    assert igt.modified(path) == fs3.modified(path) and igt.modified(path).tzinfo is not None
+    assert igt.created(path) == igt.modified(path)  # S3 has no creation time: an object is written whole
+    assert igt.info(f"{prefix}/data")["type"] == "directory"
+    key = igt.ukey(path)
+    assert igt.ukey(path) == key and igt.checksum(path) == int(key, 16)
+    assert igt.ukey(f"{prefix}/data/part-3.bin") != key
+    igt.pipe_file(path, b"another version")
+    assert igt.ukey(path) != key and igt.info(path)["ETag"] == fs3.info(path)["ETag"] != target["ETag"]
+
+
+def test_modified_and_created_of_local_and_memory_files(tmp_path, no_daemon):
+    local = tmp_path / "remote" / "file.bin"
+    local.parent.mkdir()
+    local.write_bytes(b"local")
+    os.utime(local, (1_700_000_000, 1_700_000_000.5))
+    igt = fsspec.filesystem("igtcache", target_protocol="file", skip_instance_cache=True)
+    utc = datetime.timezone.utc
+    assert igt.modified(str(local)) == datetime.datetime.fromtimestamp(1_700_000_000.5, tz=utc)
+    assert igt.created(str(local)) == datetime.datetime.fromtimestamp(fsspec.filesystem("file").info(str(local))["created"], tz=utc)
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/igt-times/file.bin", b"in memory")
+    igt = fsspec.filesystem("igtcache", target_protocol="memory", skip_instance_cache=True)
+    # memory:// gives only its creation time in info (as a float); the write comes microseconds later
+    close = datetime.timedelta(milliseconds=5)
+    assert abs(igt.modified("/igt-times/file.bin") - memory.modified("/igt-times/file.bin")) < close
+    assert abs(igt.created("/igt-times/file.bin") - memory.created("/igt-times/file.bin")) < close
+    memory.rm("/igt-times", recursive=True)
+
+
+def test_cat_ranges_reads_concurrently_and_reports_failures_in_place(s3_server, objects, backend):
+    _fs3, prefix, data = objects
+    igt = _fs(s3_server)
+    paths = sorted(data)
+    big = f"{prefix}/data/part-4.bin"
+    barrier = threading.Barrier(4, timeout=10)  # broken unless four ranges are in flight at once
+    read = igt._read
+
+    def read_together(path, offset, size):
+        barrier.wait()
+        return read(path, offset, size)
+
+    igt._read = read_together
+    got = igt.cat_ranges([big] * 4, [0, BLOCK - 3, -10, 7], [10, BLOCK + 3, None, None])
+    assert got == [data[big][:10], data[big][BLOCK - 3:BLOCK + 3], data[big][-10:], data[big][7:]]
+    igt._read = read
+    missing = f"{prefix}/data/missing.bin"
+    got = igt.cat_ranges(paths + [missing], 1, 100)
+    assert got[:-1] == [data[p][1:100] for p in paths] and isinstance(got[-1], FileNotFoundError)
+    with pytest.raises(FileNotFoundError):
+        igt.cat_ranges([missing, big], 0, 5, on_error="raise")
+    with pytest.raises(ValueError):
+        igt.cat_ranges([big, big], [0], [1])
+
+
+@pytest.mark.parametrize("cache_type", [
+    pytest.param(name, marks=pytest.mark.skip(reason="fsspec's 'parts' cache serves only the parts given at open "
+                                                    "(fsspec.parquet) and never reads through the file"))
+    if name == "parts" else name
+    for name in fsspec.caching.caches if name])
+@pytest.mark.parametrize("block_size", [None, 1000, 3 * BLOCK])
+def test_open_with_any_cache_type_and_block_size(cache_type, block_size, no_daemon):
+    rng = random.Random(cache_type)
+    value = rng.randbytes(2 * BLOCK + 333)
+    memory = fsspec.filesystem("memory")
+    path = f"/igt-open-{cache_type}-{block_size}/file.bin"
+    memory.pipe_file(path, value)
+    igt = fsspec.filesystem("igtcache", target_protocol="memory", block_size=BLOCK, skip_instance_cache=True)
+    with igt.open(path, "rb", block_size=block_size, cache_type=cache_type) as f:
+        assert f.read(10) == value[:10]
+        f.seek(BLOCK - 5)
+        assert f.read(BLOCK) == value[BLOCK - 5:2 * BLOCK - 5]
+        f.seek(-100, io.SEEK_END)
+        buffer = bytearray(200)
+        assert f.readinto(buffer) == 100 and buffer[:100] == value[-100:]
+        f.seek(0)
+        assert f.read() == value
+    memory.rm(path.rsplit("/", 1)[0], recursive=True)
+
+
+def test_glob_find_walk_and_du_list_what_the_target_lists(s3_server, objects, backend):
+    fs3, prefix, data = objects
+    fs3.pipe_file(f"{prefix}/data/nested/deeper.bin", b"nested")
+    igt = _fs(s3_server)
+    fs3.invalidate_cache()
+    assert igt.glob(f"{prefix}/data/*.bin") == fs3.glob(f"{prefix}/data/*.bin") == sorted(data)
+    assert igt.glob(f"{prefix}/**/deeper.bin") == [f"{prefix}/data/nested/deeper.bin"]
+    assert igt.find(prefix) == fs3.find(prefix)
+    assert igt.find(prefix, withdirs=True, maxdepth=2) == fs3.find(prefix, withdirs=True, maxdepth=2)
+    assert list(igt.walk(prefix)) == list(fs3.walk(prefix))
+    assert igt.du(prefix) == fs3.du(prefix) == sum(map(len, data.values())) + len(b"nested")
+    assert igt.du(prefix, total=False) == fs3.du(prefix, total=False)
