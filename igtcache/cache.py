@@ -739,7 +739,8 @@ def _lock_directory(directory: Path):
     except BlockingIOError:
         owner = handle.read().strip() or "unknown"
         handle.close()
-        raise CacheDirInUse(f"cache directory {directory} is in use by another process (pid {owner})") from None
+        raise CacheDirInUse(f"cache directory {directory} is in use by another process (pid {owner}); stop it "
+                            f"(kill -TERM {owner}) or give this one another cache_dir (--cache-dir)") from None
     except BaseException:
         handle.close()
         raise

@@ -151,6 +151,12 @@ class _Pool:
             conn.close()
             raise DaemonUnavailable(f"no igtcache daemon at {self.path} ({exc.strerror}); "
                                     "start one with `igtcache serve`") from None
+        except PermissionError as exc:
+            conn.close()
+            raise DaemonUnavailable(f"you may not connect to the igtcache daemon at {self.path} ({exc.strerror}): "
+                                    "run as the "
+                                    "daemon's user, or have it started with --socket-group GROUP for a group "
+                                    "you are in") from None
         except OSError as exc:
             conn.close()
             raise DaemonUnavailable(f"cannot connect to the igtcache daemon at {self.path}: "

@@ -134,8 +134,6 @@ def test_a_mount_on_a_cache_dir_in_use_names_the_holder_and_the_way_out(daemon_h
     assert_actionable(result, f"pid {daemon_holding.pid}", "another --cache-dir", "drop --embedded")
 
 
-@pytest.mark.xfail(strict=True, reason="the message comes from igtcache/cache.py (CacheDirInUse) through "
-                   "igtcache/daemon/server.py, which say who holds the directory but not what to do")
 def test_a_second_daemon_on_a_cache_dir_in_use_says_what_to_do(daemon_holding, tmp_path):
     result = run_cli("serve", "--socket", str(tmp_path / "run2" / "d.sock"), "--remote",
                      f"data=file://{daemon_holding.remote}", "--cache-dir", str(daemon_holding.cache),

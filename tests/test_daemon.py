@@ -471,14 +471,20 @@ def test_stop_mid_read_gives_clients_a_clear_error_and_restart_serves_the_disk_t
 def test_daemon_benchmark_reports_every_path(capsys):
     from igtcache.bench.daemon import main as bench_main
 
-    assert bench_main(["--size", "8MiB", "--block-size", "1MiB", "--small-reads", "50", "--rounds", "1", "--json"]) == 0
+    assert bench_main(["--size", "8MiB", "--block-size", "1MiB", "--small-reads", "50", "--rounds", "1",
+                       "--files", "12", "--file-size", "10KB", "--workers", "2", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
+    assert results["short_circuit"]
     assert {(r["read"], r["path"]) for r in results["hits"]} == {
         (read, path) for read in ("aligned", "unaligned", "4 KiB")
-        for path in ("local file", "attached", "embedded", "HTTP API")}
-    assert all(r["rate"] > 0 for r in results["hits"])
+        for path in ("local file", "attached", "socket", "embedded", "HTTP API")}
+    assert all(r["rate"] > 0 for r in results["hits"] + results["cat_file"] + results["loader"]["rows"])
+    assert {r["path"] for r in results["cat_file"]} == {"os.pread", "fsspec file://", "igtcache:: attached"}
+    assert [r["path"] for r in results["loader"]["rows"]] == ["local directory", "igtcache:: attached"]
+    assert results["daemon_cpu"]["us_per_socket_read"] > 0
     assert {r["path"] for r in results["misses"]} == {"s3fs alone", "attached", "embedded"}
-    assert results["daemon_remote_bytes"] == 2 * (8 << 20)  # the cold object once, the hot one once: every hit hit
+    # The cold object once, the hot one once, each small file once: every hit hit.
+    assert results["daemon_remote_bytes"] == 2 * (8 << 20) + 12 * 10_000
 
 
 def test_trace_dir_records_every_read_for_the_replay(s3_server, tmp_path):
