@@ -2,11 +2,16 @@
 
 One link of ``bandwidth_Bps`` carries one transfer at a time, plus
 ``latency_s`` per fetch before its bytes arrive. Transfers are not
-preempted: when the link frees, it takes the oldest demand fetch issued by
-then, else the oldest readahead. A read that comes to need a queued
-readahead block promotes it to the demand queue (its reader now waits for
-it). With ``demand_first=False`` there is one queue in issue order (the
-plain FIFO link).
+preempted: when the link frees, it takes the fetch issued by then that is
+due first, where a demand fetch is due when issued and readahead
+``slack_s`` later (default: one latency). Demand issued up to ``slack_s``
+after queued readahead thus overtakes it, and readahead is never held back
+longer than that: on a link that demand alone saturates (an open-loop
+replay never slows a reader down), strict priority would starve every scan
+of its readahead for good. A read that comes to need a queued readahead
+block promotes it to the demand queue (its reader now waits for it). With
+``demand_first=False`` there is one queue in issue order (the plain FIFO
+link).
 
 Time only moves forward: :meth:`run_until` starts every transfer that
 begins before ``t`` and returns the arrivals so scheduled; a fetch submitted
@@ -23,12 +28,14 @@ from typing import Hashable
 class PriorityLink:
     """A simulated remote link that serves demand fetches before readahead."""
 
-    def __init__(self, latency_s: float, bandwidth_Bps: float, *, demand_first: bool = True) -> None:
+    def __init__(self, latency_s: float, bandwidth_Bps: float, *, demand_first: bool = True,
+                 slack_s: float | None = None) -> None:
         if latency_s < 0 or not bandwidth_Bps > 0:
             raise ValueError("latency must be >= 0 and bandwidth > 0")
         self.latency_s = latency_s
         self.bandwidth_Bps = bandwidth_Bps
         self.demand_first = demand_first
+        self.slack_s = latency_s if slack_s is None else slack_s
         self.free_at = 0.0
         self._seq = itertools.count()
         # token -> (issue time, seq, bytes), oldest first
@@ -68,7 +75,8 @@ class PriorityLink:
         return out
 
     def _next_queue(self) -> OrderedDict:
-        """The queue whose head the link takes next: demand, unless only readahead was issued by then."""
+        """The queue whose head the link takes next: of the heads issued by the time the
+        link can start one, the one due first (readahead is due ``slack_s`` after issue)."""
         if not self._demand:
             return self._ahead
         if not self._ahead:
@@ -76,4 +84,8 @@ class PriorityLink:
         demand_ts = next(iter(self._demand.values()))[0]
         ahead_ts = next(iter(self._ahead.values()))[0]
         start = max(self.free_at, min(demand_ts, ahead_ts))
-        return self._demand if demand_ts <= start else self._ahead
+        if demand_ts > start:
+            return self._ahead
+        if ahead_ts > start:
+            return self._demand
+        return self._demand if demand_ts <= ahead_ts + self.slack_s else self._ahead

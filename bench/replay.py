@@ -2,7 +2,7 @@
 
 ``igtcache bench replay TRACE.csv --capacity SIZE [--capacity SIZE ...]
 --policy lru,arc,... [--block-size SIZE] [--latency-ms MS] [--bandwidth MB_PER_S]
-[--fifo-link] [--json] [--plot FILE.png]``
+[--demand-first] [--json] [--plot FILE.png]``
 
 Each read goes through :class:`igtcache.read_driver.ReadDriver`, the read
 driver of the live engine: the same plan, demand fetches, readahead issued
@@ -22,12 +22,14 @@ The model:
   read of a block still in flight, demand or readahead, is a miss.
 * One shared link to the remote (:class:`igtcache.bench.link.PriorityLink`):
   a fetch holds it for ``size / bandwidth``, one at a time, and its bytes
-  arrive ``latency`` after the transfer ends. Demand fetches go first:
-  when the link frees it takes the oldest demand fetch issued by then,
-  else the oldest readahead (``--fifo-link``: all in issue order).
+  arrive ``latency`` after the transfer ends, in issue order; with
+  ``--demand-first`` the link takes the fetch issued by then that is due
+  first, a demand fetch being due when issued and readahead one latency
+  later, so demand overtakes readahead issued up to a latency before it
+  and readahead is never held back longer.
 * A read that needs a block still in flight is a miss and waits for that
-  fetch (no second fetch; a queued readahead block becomes demand); a
-  prefetch it waits for counts as late.
+  fetch (no second fetch; with ``--demand-first`` a queued readahead
+  block becomes demand); a prefetch it waits for counts as late.
 * Remote bytes count every fetched byte. Wasted prefetch bytes are
   prefetched blocks evicted (or declined by the policy) before any read.
 
@@ -199,7 +201,7 @@ def replay(
     block_size: int = DEFAULT_BLOCK_SIZE,
     latency_s: float = DEFAULT_LATENCY_S,
     bandwidth_Bps: float = DEFAULT_BANDWIDTH_BPS,
-    demand_first: bool = True,
+    demand_first: bool = False,
 ) -> dict:
     """Replay a trace with one policy and capacity; return the metrics as a dict.
 
@@ -207,7 +209,8 @@ def replay(
     ``remote_bytes``, ``wasted_prefetch_bytes``, ``late_prefetches``,
     ``reads``, ``stall_s``, ``completion_s`` (the longest job's), the
     model's parameters, ``elapsed_s`` and ``jobs`` (the same metrics per
-    job). ``demand_first=False``: one FIFO link queue for all fetches.
+    job). ``demand_first``: demand fetches overtake readahead on the link
+    (:class:`igtcache.bench.link.PriorityLink`); else one queue in issue order.
     """
     if block_size <= 0:
         raise ValueError(f"block size must be > 0, got {block_size}")
@@ -308,8 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH_BPS / 1e6, metavar="MB_PER_S",
                         help=f"remote bandwidth in MB/s, shared by all fetches "
                              f"(default {DEFAULT_BANDWIDTH_BPS / 1e6:g}; 'inf' for unlimited)")
-    parser.add_argument("--fifo-link", action="store_true",
-                        help="one queue in issue order on the link (default: demand fetches before readahead)")
+    parser.add_argument("--demand-first", action="store_true",
+                        help="demand fetches overtake readahead issued up to one latency before them "
+                             "(default: one queue in issue order)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="draw hit ratio against capacity, one line per policy")
     return parser
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in dict.fromkeys(names):
         for capacity in capacities:
             result = replay(rows, name, capacity, args.block_size, args.latency_ms / 1e3, args.bandwidth * 1e6,
-                            demand_first=not args.fifo_link)
+                            demand_first=args.demand_first)
             _note(f"{name} @ {format_size(capacity)}: hit ratio {result['hit_ratio']:.3f} "
                   f"({result['elapsed_s']:.1f} s)")
             results.append(result)

@@ -293,15 +293,13 @@ class IGT(Policy):
         bs = access.block_size
         last = -(-access.object_size // bs) - 1
         cap = max(1, self.capacity // (READER_SHARE * bs))
-        rest = last - access.last_block
-        if access.offset == 0 and rest <= min(cap, MAX_DEPTH):
-            # A load from an object's first piece whose rest fits one window (a whole adapter):
-            # all of the rest, from the next block, since a block cached on arrival lands sooner
-            # as readahead than as the demand fetch its read would start.
-            first, depth = 1, rest
-        else:
-            rate = reader.rate if reader.rate is not None else self._scanning.get(access.job)
-            first, depth = self._readahead.window(rate, bs, access.last_block - access.first_block + 1, cap)
+        rate = reader.rate if reader.rate is not None else self._scanning.get(access.job)
+        first, depth = self._readahead.window(rate, bs, access.last_block - access.first_block + 1, cap)
+        if access.offset == 0 and last - access.last_block <= depth:
+            # A load from an object's first piece that the window reaches the end of (a whole
+            # adapter): all of the rest, from the next block, since a block cached on arrival
+            # lands sooner as readahead than as the demand fetch its read would start.
+            first = 1
         stop = min(access.last_block + depth, last)
         out = []
         for index in range(max(access.last_block + first, reader.upto + 1), stop + 1):

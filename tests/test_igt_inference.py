@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import random
+
+from igtcache.bench import gen
+from igtcache.bench.replay import replay
 from igtcache.policies import IGT
+from igtcache.policies.igt import MIN_AGING_PERIOD
 from igtcache.read_driver import ReadDriver
 
 KiB, MiB = 1024, 1024**2
+EMBED = "inference-embed-0"
+LINK = {"latency_s": 0.02, "bandwidth_Bps": 500e6}
+
+
+def node(**options) -> list:
+    """A small inference node: 1 MiB blocks, 4 MiB adapters read in 256 KiB pieces, a 64 MiB table."""
+    scenario = gen.Inference(**{"jobs": 2, "loads": 200, "adapters": 40, "adapter_size": 4 * MiB,
+                                "read_size": 256 * KiB, "interval": 0.05, "throughput": 50 * 1000**2,
+                                "lookups": 20000, "table_size": 64 * MiB, "record_size": 4 * KiB, **options})
+    return list(scenario.rows(random.Random(5)))
+
+
+def embed_hit_ratio(rows: list, name: str, capacity: int, start: int = 0, end: int | None = None) -> float:
+    """The lookups' hit ratio over ``rows[start:end]``, each replayed after the rows before it."""
+    def hits(stop):
+        job = replay(rows[:stop], name, capacity, MiB, **LINK)["jobs"][EMBED]
+        return job["hit_ratio"] * job["reads"], job["reads"]
+
+    (h1, n1), (h0, n0) = hits(len(rows) if end is None else end), (hits(start) if start else (0.0, 0))
+    return (h1 - h0) / (n1 - n0)
 
 
 def load(driver: ReadDriver, ts: float, job: str, path: str, size: int, piece: int) -> list[list[int]]:
@@ -27,3 +52,23 @@ def test_a_whole_object_load_is_read_ahead_from_its_first_piece():
     issued = load(driver, 1.0, "serve", "adapters/b/adapter.safetensors", 6 * MiB, 256 * KiB)
     assert issued[0] == [1, 2, 3, 4, 5]  # the job loads objects whole: the rest of b, from b's first piece
     assert not any(issued[1:])
+
+
+def test_one_off_adapter_loads_do_not_displace_a_hot_table():
+    rows = node(jobs=1, loads=300, adapters=100_000, zipf=0.0, table_size=16 * MiB, shift_at=1.0)
+    assert len({r.path for r in rows if r.offset == 0 and "-serve-" in r.job}) > 290  # nearly all one-off
+    alone = [r for r in rows if r.job == EMBED]
+    capacity = 12 * MiB
+    beside = embed_hit_ratio(rows, "igt", capacity)
+    assert beside >= embed_hit_ratio(alone, "igt", capacity) - 0.01
+    assert beside > embed_hit_ratio(rows, "lru", capacity) + 0.03
+
+
+def test_a_shifted_hot_set_is_followed_within_one_aging_period():
+    rows = node(shift_at=0.5)
+    shift = [i for i, r in enumerate(rows) if r.job == EMBED][10_000]
+    capacity = 16 * MiB  # 16 blocks: the aging period is its shortest
+    before = embed_hit_ratio(rows, "igt", capacity, shift - 4000, shift)
+    assert before > 0.8
+    assert embed_hit_ratio(rows, "igt", capacity, shift + MIN_AGING_PERIOD) >= before - 0.02
+    assert embed_hit_ratio(rows, "lfu", capacity, shift + MIN_AGING_PERIOD) < 0.5 * before

@@ -31,6 +31,19 @@ def test_readahead_uses_the_link_while_no_demand_is_waiting():
     assert arrivals(link) == {"r": 0.01, "d": 0.51}
 
 
+def test_readahead_is_held_back_at_most_its_slack():
+    link = PriorityLink(0.0, 100 * MB, slack_s=0.2)
+    link.submit(0.0, "big", 100 * MB, demand=True)  # the link is busy until 1.0
+    link.submit(0.1, "r", MB, demand=False)  # due at 0.3
+    link.submit(0.5, "d", MB, demand=True)  # due at 0.5: issued past r's slack, it waits its turn
+    assert list(arrivals(link)) == ["big", "r", "d"]
+    strict = PriorityLink(0.0, 100 * MB, slack_s=float("inf"))
+    strict.submit(0.0, "big", 100 * MB, demand=True)
+    strict.submit(0.1, "r", MB, demand=False)
+    strict.submit(0.5, "d", MB, demand=True)
+    assert list(arrivals(strict)) == ["big", "d", "r"]
+
+
 def test_a_read_waiting_on_queued_readahead_promotes_it():
     link = PriorityLink(0.0, 100 * MB)
     for name in ("r1", "r2", "r3"):

@@ -189,9 +189,9 @@ def test_demand_fetches_overtake_readahead_on_the_link(monkeypatch):
     """A scan's readahead queued on a slow link does not delay another job's miss."""
     monkeypatch.setitem(POLICIES, "deep", DeepAhead)
     rows = [TraceRow(0.0, "scan", "s", 0, MiB, 64 * MiB), TraceRow(0.001, "other", "o", 0, MiB, MiB)]
-    first, fifo = (replay(rows, "deep", 128 * MiB, block_size=MiB, latency_s=0.0, bandwidth_Bps=100 * MiB,
+    first, fifo = (replay(rows, "deep", 128 * MiB, block_size=MiB, latency_s=0.02, bandwidth_Bps=100 * MiB,
                           demand_first=order) for order in (True, False))
-    assert first["jobs"]["other"]["stall_s"] < 0.03  # behind the one transfer under way
+    assert first["jobs"]["other"]["stall_s"] < 0.05  # behind the one transfer under way
     assert fifo["jobs"]["other"]["stall_s"] > 0.3  # behind 32 blocks of readahead
     assert first["remote_bytes"] == fifo["remote_bytes"]
 
