@@ -53,7 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from igtcache.bench.files import write_random_file
 from igtcache.bench.fuse_peers import LABELS, PEERS, mount_peer, peer_unusable
@@ -199,7 +199,7 @@ class Row:
 
     label: str
     root: str
-    kind: str
+    kind: Literal["local", "igtcache", "null", "peer"]
     drop: bool = True  # drop the file's pages in the kernel before reading: the mount's own cache is measured
     small: bool = True  # measure the small-file rate through it too
     target: bool = False  # its sequential rate counts against the target

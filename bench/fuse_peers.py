@@ -50,7 +50,8 @@ def peer_unusable(peer: str) -> str | None:
 def _rclone(endpoint: str, bucket: str, mountpoint: str, cache_dir: str,
             cache_bytes: int | None) -> tuple[list[str], dict[str, str]]:
     """rclone's command line and environment (its S3 remote ``M`` is configured through the environment)."""
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # rclone fails to load an empty bundle
+    # with AWS_CA_BUNDLE set, rclone fails (LoadCustomCABundleError) before it reaches the server
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
     env.update({"RCLONE_CONFIG_M_TYPE": "s3", "RCLONE_CONFIG_M_PROVIDER": "Other",
                 "RCLONE_CONFIG_M_ACCESS_KEY_ID": KEY, "RCLONE_CONFIG_M_SECRET_ACCESS_KEY": SECRET,
                 "RCLONE_CONFIG_M_ENDPOINT": endpoint, "RCLONE_CONFIG_M_FORCE_PATH_STYLE": "true"})
@@ -66,9 +67,9 @@ def _rclone(endpoint: str, bucket: str, mountpoint: str, cache_dir: str,
 def _s3fs(endpoint: str, bucket: str, mountpoint: str, cache_dir: str,
           cache_bytes: int | None) -> tuple[list[str], dict[str, str]]:
     """s3fs-fuse's command line and environment. Its cache has no size bound, so ``cache_bytes`` is not used."""
-    passwd = Path(cache_dir) / "passwd"
+    passwd = Path(cache_dir).parent / "s3fs.passwd"
+    passwd.touch(mode=0o600)  # s3fs refuses a credentials file that others can read
     passwd.write_text(f"{KEY}:{SECRET}\n")
-    passwd.chmod(0o600)  # s3fs refuses a credentials file others can read
     command = ["s3fs", bucket, mountpoint, "-f", "-o", f"url={endpoint}", "-o", "use_path_request_style",
                "-o", f"passwd_file={passwd}", "-o", f"use_cache={cache_dir}", "-o", "ro"]
     return command, dict(os.environ)
