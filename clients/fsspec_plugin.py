@@ -26,7 +26,6 @@ or engines after a fork, so it works in DataLoader workers (fork or spawn).
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import logging
 import os
@@ -49,7 +48,6 @@ from igtcache.sizes import parse_size
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "attach", "embedded")
-RANGE_THREADS = 16  # concurrent reads of one cat_ranges call
 TARGET_INFOS = 4096  # target infos kept per filesystem (one per object version seen)
 
 
@@ -217,45 +215,62 @@ class IgtcacheFileSystem(ChainedFileSystem):
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, path: str, offset: int, size: int) -> bytes:
+    def _range(self, path: str, start: int | None, end: int | None) -> tuple[Any, str, int, int]:
+        """``(backend, path inside it, offset, size)`` of bytes ``[start, end)`` of ``path``;
+        negative positions count from the object's end, ``end=None`` is its end (size -1)."""
         backend, rel, _root = self._route(path)
-        return backend.read(rel, offset, size, job=self._job())
+        start = start or 0
+        if start < 0 or (end is not None and end < 0):
+            size = backend.info(rel)["size"]
+            start = max(0, size + start) if start < 0 else start
+            end = max(0, size + end) if end is not None and end < 0 else end
+        return backend, rel, start, -1 if end is None else max(0, end - start)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs) -> bytes:
         """Bytes ``[start, end)`` of one object; negative positions count from its end."""
-        start = start or 0
-        if start < 0 or (end is not None and end < 0):
-            size = self.size(path)
-            start = max(0, size + start) if start < 0 else start
-            end = max(0, size + end) if end is not None and end < 0 else end
-        return self._read(path, start, -1 if end is None else max(0, end - start))
+        backend, rel, offset, size = self._range(path, start, end)
+        return backend.read(rel, offset, size, job=self._job())
 
     def cat_ranges(self, paths: list[str], starts: int | list[int | None] | None, ends: int | list[int | None] | None,
                    max_gap: int | None = None, on_error: str = "return", **kwargs) -> list:
-        """Bytes ``[start, end)`` of each ``(path, start, end)``, as :meth:`cat_file` gives them, read
-        concurrently. ``max_gap`` is accepted and ignored: ranges are served from the cache's
-        blocks, so merging nearby ranges would save no fetch. With ``on_error="return"`` a failed
-        range's exception takes its place in the list; otherwise the first failure is raised."""
+        """Bytes ``[start, end)`` of each ``(path, start, end)``, as :meth:`cat_file` gives them.
+
+        The ranges of each backend go in one ``read_many`` (attached: one daemon round trip per
+        ``--max-read`` of bytes). ``max_gap`` is accepted and ignored: ranges are served from the
+        cache's blocks, so merging nearby ranges would save no fetch. With ``on_error="return"``
+        a failed range's exception takes its place in the list; otherwise the first failure is raised.
+        """
         if not isinstance(paths, list):
             raise TypeError(f"paths must be a list, not {type(paths).__name__}")
         starts, ends = _per_path(starts, len(paths)), _per_path(ends, len(paths))
-        requests = list(zip(paths, starts, ends))
-        if len(requests) < 2:
-            outcomes = [self._cat_outcome(request) for request in requests]
-        else:
-            with concurrent.futures.ThreadPoolExecutor(min(RANGE_THREADS, len(requests))) as pool:
-                outcomes = list(pool.map(self._cat_outcome, requests))
+        outcomes: list[bytes | Exception | None] = [None] * len(paths)
+        groups: dict[int, tuple[Any, list[int], list[tuple[str, int, int]]]] = {}  # id(backend) -> its ranges
+        for i, request in enumerate(zip(paths, starts, ends)):
+            try:
+                backend, *read = self._range(*request)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller as on_error says
+                outcomes[i] = exc
+                continue
+            _backend, indexes, reads = groups.setdefault(id(backend), (backend, [], []))
+            indexes.append(i)
+            reads.append(tuple(read))
+        for backend, indexes, reads in groups.values():
+            for i, outcome in zip(indexes, self._read_many(backend, reads)):
+                outcomes[i] = outcome
         if on_error != "return":
             for outcome in outcomes:
                 if isinstance(outcome, Exception):
                     raise outcome
         return outcomes
 
-    def _cat_outcome(self, request: tuple[str, int | None, int | None]) -> bytes | Exception:
+    def _read_many(self, backend: Any, reads: list[tuple[str, int, int]]) -> list[bytes | Exception]:
+        """The bytes of each read; ``read_many`` fails as a whole, so then each is read alone to
+        tell which failed and with what."""
+        job = self._job()
         try:
-            return self.cat_file(*request)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller as cat_ranges' on_error says
-            return exc
+            return backend.read_many(reads, job=job)
+        except Exception:  # noqa: BLE001 - each read below raises its own
+            return [_read_or_error(backend, read, job) for read in reads]
 
     def _cached_info(self, path: str) -> dict[str, Any]:
         """``name``, ``size``, ``type`` and ``version`` as the cache serves the object (no remote
@@ -472,6 +487,13 @@ class _WriteThrough:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_or_error(backend: Any, read: tuple[str, int, int], job: str | None) -> bytes | Exception:
+    try:
+        return backend.read(*read, job=job)
+    except Exception as exc:  # noqa: BLE001 - handed to the caller in the read's place
+        return exc
 
 
 def _per_path(value: int | None | list[int | None], count: int) -> list[int | None]:

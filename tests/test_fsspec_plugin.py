@@ -11,13 +11,13 @@ import pickle
 import random
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import fsspec
 import pytest
 
+from igtcache import Cache
 from igtcache.clients.fsspec_plugin import IgtcacheFileSystem
 from igtcache.daemon.process import DaemonProcess
 from igtcache.daemon_client import DaemonClient, DaemonUnavailable
@@ -321,27 +321,30 @@ def test_modified_and_created_of_local_and_memory_files(tmp_path, no_daemon):
     memory.rm("/igt-times", recursive=True)
 
 
-def test_cat_ranges_reads_concurrently_and_reports_failures_in_place(s3_server, objects, backend):
+def test_cat_ranges_reads_each_backends_ranges_at_once_and_reports_failures_in_place(s3_server, objects, backend,
+                                                                                     monkeypatch):
     _fs3, prefix, data = objects
     igt = _fs(s3_server)
     paths = sorted(data)
     big = f"{prefix}/data/part-4.bin"
-    barrier = threading.Barrier(4, timeout=10)  # broken unless four ranges are in flight at once
-    read = igt._read
+    batches = []
+    backend_class = DaemonClient if backend == "attached" else Cache
+    read_many = backend_class.read_many
 
-    def read_together(path, offset, size):
-        barrier.wait()
-        return read(path, offset, size)
+    def counted(self, reads, **kwargs):
+        batches.append(len(reads))
+        return read_many(self, reads, **kwargs)
 
-    igt._read = read_together
+    monkeypatch.setattr(backend_class, "read_many", counted)
     got = igt.cat_ranges([big] * 4, [0, BLOCK - 3, -10, 7], [10, BLOCK + 3, None, None])
     assert got == [data[big][:10], data[big][BLOCK - 3:BLOCK + 3], data[big][-10:], data[big][7:]]
-    igt._read = read
+    assert batches == [4]
     missing = f"{prefix}/data/missing.bin"
-    got = igt.cat_ranges(paths + [missing], 1, 100)
-    assert got[:-1] == [data[p][1:100] for p in paths] and isinstance(got[-1], FileNotFoundError)
+    got = igt.cat_ranges(paths + [missing, missing], [1] * len(paths) + [1, -5], 100)
+    assert got[:-2] == [data[p][1:100] for p in paths]
+    assert isinstance(got[-2], FileNotFoundError) and isinstance(got[-1], FileNotFoundError)
     with pytest.raises(FileNotFoundError):
-        igt.cat_ranges([missing, big], 0, 5, on_error="raise")
+        igt.cat_ranges([big, missing], 0, 5, on_error="raise")
     with pytest.raises(ValueError):
         igt.cat_ranges([big, big], [0], [1])
 
