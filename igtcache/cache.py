@@ -223,6 +223,23 @@ class Cache:
         self._check_open()
         return self.remote.ls(prefix)
 
+    def residency(self, path: str) -> dict[str, Any]:
+        """How much of ``path``'s current version each node tier holds: ``{"name", "size",
+        "version", "memory", "disk"}`` (bytes; the memory tier is a subset of the disk tier's
+        blocks when there is one)."""
+        self._check_open()
+        info = self._info(path)
+        held = {"memory": 0, "disk": 0}
+        with self._lock:
+            keys = [k for k in self._by_path.get(info.path, ()) if k.version == info.version]
+            for key in keys:
+                length = min(self.block_size, info.size - key.index * self.block_size)
+                if key in self.memory or key in self.store.pending:
+                    held["memory"] += length
+                if self.disk is not None and key in self.disk:
+                    held["disk"] += length
+        return {"name": info.path, "size": info.size, "version": info.version, **held}
+
     def invalidate(self, path: str) -> None:
         """Forget everything cached about ``path``: metadata and blocks."""
         self._check_open()

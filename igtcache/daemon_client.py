@@ -42,8 +42,8 @@ from typing import Any
 from igtcache.daemon.config import default_socket_path
 from igtcache.daemon.protocol import (
     BUSY, ERROR, MAGIC, MAX_BUSY_MESSAGE, MAX_PAYLOAD, OK_BYTES, OK_JSON, OP_HEALTH, OP_INFO, OP_INVALIDATE, OP_LS,
-    OP_PREFETCH, OP_READ_MANY, OP_REMOTES, OP_REPORT, OP_STATS, RESPONSE, encode_json_request, encode_read,
-    encode_request, kernel_timeout, raise_error, split_many,
+    OP_PREFETCH, OP_READ_MANY, OP_REMOTES, OP_REPORT, OP_RESIDENCY, OP_STATS, RESPONSE, encode_json_request,
+    encode_read, encode_request, kernel_timeout, raise_error, split_many,
 )
 from igtcache.errors import DaemonError, DaemonUnavailable, UnknownRemote, UntrustedDaemon
 from igtcache.jobs import resolve_job
@@ -329,6 +329,10 @@ class DaemonClient:
             if meta is not None:
                 return {"name": meta.path, "size": meta.size, "type": "file", "version": meta.version}
         return self._call(OP_INFO, {"remote": self._remote(), "path": path})
+
+    def residency(self, path: str) -> dict[str, Any]:
+        """How much of ``path`` the daemon's node tiers hold (``Cache.residency``)."""
+        return self._call(OP_RESIDENCY, {"remote": self._remote(), "path": path})
 
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """A directory of the remote: ``name``, ``size``, ``type`` per entry."""

@@ -61,10 +61,11 @@ OP_HEALTH = 7
 OP_REMOTES = 8
 OP_REPORT = 9
 OP_READ_MANY = 10
+OP_RESIDENCY = 11
 OPS = {
     OP_READ: "read", OP_INFO: "info", OP_LS: "ls", OP_INVALIDATE: "invalidate",
     OP_PREFETCH: "prefetch", OP_STATS: "stats", OP_HEALTH: "health", OP_REMOTES: "remotes",
-    OP_REPORT: "report", OP_READ_MANY: "read_many",
+    OP_REPORT: "report", OP_READ_MANY: "read_many", OP_RESIDENCY: "residency",
 }
 LENGTHS = struct.Struct("<Q")
 

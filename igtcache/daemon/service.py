@@ -140,6 +140,8 @@ class Service:
         path = _path(args.get("path", ""))
         if op == "info":
             return cache.info(path)
+        if op == "residency":
+            return cache.residency(path)
         if op == "ls":
             return cache.ls(path)
         if op == "invalidate":
