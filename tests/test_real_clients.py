@@ -10,6 +10,8 @@ import random
 import tarfile
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from igtcache.daemon.process import DaemonProcess
@@ -17,16 +19,13 @@ from igtcache.daemon_client import DaemonClient
 
 from .conftest import BUCKET
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
 PREFIX = f"{BUCKET}/real-clients"
 ROWS = 3000
 SHARDS = 2
 SAMPLES = 5  # per shard
 
 
-def _table(seed: int) -> "pa.Table":
+def _table(seed: int) -> pa.Table:
     rng = random.Random(seed)
     ids = list(range(seed * ROWS, (seed + 1) * ROWS))
     return pa.table({"id": ids, "name": [f"row-{i}" for i in ids], "value": [rng.random() for _ in ids]})
@@ -69,7 +68,7 @@ def daemon(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(params=["embedded", "attached"])
-def options(request, s3_server, tmp_path):
+def options(request):
     """The ``igtcache`` options of a test: an embedded engine, or attached to the daemon (never embedded)."""
     if request.param == "embedded":
         return {"mode": "embedded", "skip_instance_cache": True}
@@ -82,12 +81,12 @@ def igt(options, s3_server, dataset):
     return fsspec.filesystem("igtcache", target_protocol="s3", target_options=s3_server.storage_options(), **options)
 
 
-def _expected(dataset, *parts: int) -> "pa.Table":
+def _expected(dataset, *parts: int) -> pa.Table:
     return pa.concat_tables(pq.read_table(f"{PREFIX}/table/part-{part}.parquet", filesystem=dataset) for part in parts)
 
 
 def test_duckdb_queries_parquet_over_igtcache_urls(igt, dataset):
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
     with duckdb.connect() as con:
         con.register_filesystem(igt)
         got = con.sql(f"SELECT * FROM read_parquet('igtcache://{PREFIX}/table/*.parquet') ORDER BY id").to_arrow_table()
@@ -101,7 +100,7 @@ def test_duckdb_queries_parquet_over_igtcache_urls(igt, dataset):
 
 def test_polars_reads_parquet_through_igtcache(igt, options, s3_server, dataset):
     """Polars takes fsspec files (its own storage options are for its native object stores)."""
-    pl = pytest.importorskip("polars")
+    import polars as pl
     path = f"{PREFIX}/table/part-0.parquet"
     expected = pl.from_arrow(_expected(dataset, 0))
     with fsspec.open(f"igtcache::s3://{path}", "rb", igtcache=options, s3=s3_server.storage_options()) as f:
@@ -120,7 +119,7 @@ def test_hugging_face_datasets_loads_parquet_through_igtcache(options, s3_server
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("IGTCACHE_SOCKET", options.get("socket", str(tmp_path / "no-daemon.sock")))
-    datasets = pytest.importorskip("datasets")
+    import datasets
     fsspec.get_filesystem_class("igtcache").clear_instance_cache()  # an earlier test's instance decided without this daemon
     before = _daemon_reads(options)
     loaded = datasets.load_dataset("parquet", data_files=f"igtcache::s3://{PREFIX}/table/*.parquet",
@@ -150,7 +149,7 @@ def _samples(data: bytes) -> list[dict]:
 
 
 def test_webdataset_reads_shards_through_igtcache(igt, dataset, monkeypatch):
-    wds = pytest.importorskip("webdataset")
+    import webdataset as wds
     monkeypatch.setitem(wds.gopen_schemes, "igtcache", lambda url, mode="rb", bufsize=8192, **kw: igt.open(url, mode))
     urls = [f"igtcache://{PREFIX}/shards/shard-{n:02d}.tar" for n in range(SHARDS)]
     got = [{k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
@@ -160,7 +159,7 @@ def test_webdataset_reads_shards_through_igtcache(igt, dataset, monkeypatch):
 
 
 def test_pyarrow_dataset_scans_and_filters_through_igtcache(igt, dataset):
-    ds = pytest.importorskip("pyarrow.dataset")
+    import pyarrow.dataset as ds
     query = {"filter": (ds.field("id") >= 1000) & (ds.field("id") < 4500), "columns": ["id", "value"]}
     got = ds.dataset(f"{PREFIX}/table", filesystem=igt, format="parquet").to_table(**query)
     expected = ds.dataset(f"{PREFIX}/table", filesystem=dataset, format="parquet").to_table(**query)
@@ -184,7 +183,7 @@ class RowGroups:
 
 
 def test_dataloader_workers_read_row_groups_through_igtcache(igt, dataset):
-    torch_data = pytest.importorskip("torch.utils.data")
+    import torch.utils.data as torch_data
     groups = [(f"{PREFIX}/table/part-{part}.parquet", group) for part in range(2) for group in range(ROWS // 500)]
     loader = torch_data.DataLoader(RowGroups(igt, groups), batch_size=None, num_workers=2,
                                    multiprocessing_context="fork")
