@@ -41,6 +41,7 @@ from igtcache.jobs import resolve_job
 from igtcache.memory_tier import MemoryTier
 from igtcache.meta_table import DEFAULT_UNPINNED, MetaTable, parent
 from igtcache.policies import BlockKey, Policy, make_policy
+from igtcache.quotas import Quotas
 from igtcache.read_driver import Fetch, ReadDriver, ReadPlan
 from igtcache.remote import ObjectInfo, Remote, VersionChanged, check_range, normalize_path
 from igtcache.residency import AccessBatch, block_span
@@ -122,6 +123,7 @@ class Cache:
         cluster_prefix: str = "igtcache",
         meta_entries: int = DEFAULT_UNPINNED,
         stats_jobs: int = 1000,
+        quotas: dict[str, int] | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -155,6 +157,7 @@ class Cache:
         self._listing: set[str] = set()  # directories being revalidated by a listing
         self._revalidator = concurrent.futures.ThreadPoolExecutor(1, "igtcache-revalidate")
         self._by_path: dict[str, set[BlockKey]] = {}
+        self.quotas = Quotas(quotas or {})
         self._inflight: dict[BlockKey, concurrent.futures.Future] = {}  # the driver's fetches in flight
         self._store_pool = concurrent.futures.ThreadPoolExecutor(2, "igtcache-store")
         self._warned_disk_full = False
@@ -307,10 +310,13 @@ class Cache:
             if self.disk is not None:
                 tiers["disk"] = {"bytes": self.disk.bytes, "blocks": len(self.disk), "capacity": self.disk.capacity}
             streams = self.driver.streams.streams(limit=self.STATS_STREAMS)
+            quotas = self.quotas.report()
         out = counters.as_dict()
         out["policy"] = getattr(self.policy, "name", type(self.policy).__name__)
         out["block_size"] = self.block_size
         out["tiers"] = tiers
+        if quotas:
+            out["quotas"] = quotas
         if isinstance(self.source, ClusterSource):
             out["cluster"] = cluster_state(self.source.cluster.stats())
         out["streams"] = streams
@@ -335,6 +341,9 @@ class Cache:
                                 f"lacks {len(resident - indexed)} it has")
             if set(self._inflight) != set(self.driver.inflight):
                 problems.append("fetch futures and the driver's in-flight set disagree")
+            for prefix, quota in self.quotas.report().items():
+                if quota["used"] > quota["limit"]:
+                    problems.append(f"quota {prefix!r} holds {quota['used']} bytes, over its {quota['limit']}")
         if problems:
             raise InvariantViolation("; ".join(problems))
 
@@ -392,6 +401,9 @@ class Cache:
                 self._trace.write(TraceRow(ts - self._started, job, info.path, offset, size, info.size,
                                            "read", hint or ""))
             self._register(plan.fetches)
+            if self.quotas:
+                for key in plan.resident:
+                    self.quotas.touch(key)
             waits = {key.index: self._inflight[key] for key in plan.demand}
         self._start(plan.fetches)
         for key in plan.waiting:  # readahead this read now waits for: no longer behind other readahead
@@ -599,6 +611,7 @@ class Cache:
         disk: readers need not wait for the disk write, since the block is in the
         store's ``pending`` until it is committed."""
         evicted = None
+        placed = False
         data = fetched.data
         with self._store_lock:
             try:
@@ -610,17 +623,24 @@ class Cache:
                     del self._inflight[key]
                     if evicted is not None:
                         self._forget_all(evicted, left_policy=True)
-                        self.stats_counters.evictions += len(evicted)
-                        self._index(key)
-                        self.store.place(key, data)
+                        self._index(key, len(data))
+                        over = self.quotas.over(key)
+                        self._forget_all(over)
+                        self.stats_counters.evictions += len(evicted) + len(over)
+                        evicted += [k for k in over if k != key]
+                        placed = key not in over  # else its prefix is full of blocks read more recently
+                        if placed:
+                            self.store.place(key, data)
             finally:
                 future.set_result(data)
-            if evicted is not None:
+            if placed:
                 try:
                     self.store.commit(key, data, evicted)
                 except DiskFull as exc:
                     self._warn_disk_full(exc)
                     self._delete_from_disk(evicted)
+            elif evicted:
+                self._delete_from_disk(evicted)
 
     def _drop_blocks(self, keys: list[BlockKey]) -> None:
         with self._store_lock:
@@ -652,8 +672,9 @@ class Cache:
             self._unindex(key)
         self.stats_counters.evictions += len(keys)
 
-    def _index(self, key: BlockKey) -> None:
-        """A block became resident: index it by path; its object's metadata stays while it has blocks."""
+    def _index(self, key: BlockKey, size: int) -> None:
+        """A block became resident: index it by path and quota; its object's metadata stays while it has blocks."""
+        self.quotas.add(key, size)
         siblings = self._by_path.get(key.path)
         if siblings is None:
             siblings = self._by_path[key.path] = set()
@@ -661,6 +682,7 @@ class Cache:
         siblings.add(key)
 
     def _unindex(self, key: BlockKey) -> None:
+        self.quotas.remove(key)
         siblings = self._by_path.get(key.path)
         if siblings is not None:
             siblings.discard(key)
@@ -693,7 +715,10 @@ class Cache:
             surplus.extend(evicted)
             self._forget_all(evicted, left_policy=True)
             if key in self.policy:
-                self._index(key)
+                self._index(key, size)
+                over = self.quotas.over(key)  # a quota lowered since the blocks were stored
+                self._forget_all(over)
+                surplus.extend(over)
         self._delete_from_disk(surplus)
         self._meta.update(self.disk.load_meta().values())
 

@@ -52,6 +52,10 @@ def render(stats: dict[str, Any]) -> str:
             used = t["bytes"] / t["capacity"] if t["capacity"] else 0.0
             lines.append(f"  {tier:<8} {format_size(t['bytes']):>10} of {format_size(t['capacity']):>10} "
                          f"({used:5.1%}), {t['blocks']} blocks")
+        for prefix, q in sorted((s.get("quotas") or {}).items()):
+            used = q["used"] / q["limit"] if q["limit"] else 0.0
+            lines.append(f"  quota {prefix or '(all)'}: {format_size(q['used'])} of {format_size(q['limit'])} "
+                         f"({used:5.1%}), {q['blocks']} blocks, {q['evictions']} evicted by the cap")
         lines.append(f"  reads {s.get('reads', 0)}  hit ratio {_ratio(s.get('hit_ratio', 0))}  byte hit ratio "
                      f"{_ratio(s.get('byte_hit_ratio', 0))}  remote {format_size(s.get('remote_bytes', 0))} "
                      f"in {s.get('remote_fetches', 0)} fetches")

@@ -19,6 +19,7 @@ import fsspec
 
 from igtcache.cluster_url import parse_cluster_url
 from igtcache.policies import LIVE_POLICIES
+from igtcache.quotas import parse_quota
 from igtcache.sizes import format_size, parse_size
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -87,6 +88,7 @@ class DaemonConfig:
     trace_dir: str | None = None  # each remote's reads recorded as TRACE_DIR/NAME.csv
     cluster: str | None = None  # redis:// URL of the cluster tier shared by every node
     cluster_prefix: str = "igtcache"
+    quotas: dict[str, int] = field(default_factory=dict)  # path prefix -> bytes it may hold in a remote's tiers
 
     def __post_init__(self) -> None:
         if not self.remotes:
@@ -112,6 +114,9 @@ class DaemonConfig:
                             *((f"disk of remote {r.name!r}", r.disk_bytes) for r in self.remotes)]:
             if value is not None and value < 0:
                 raise ValueError(f"{what} must be a size of 0 or more, not {value}")
+        for prefix, limit in self.quotas.items():
+            if limit < 0:
+                raise ValueError(f"--quota {prefix}={limit}: a quota must be a size of 0 or more")
         if not MIN_MAX_READ <= self.max_read <= MAX_MAX_READ:
             raise ValueError(f"--max-read {format_size(self.max_read)} is not allowed: give 64KiB to 4GiB "
                              "(clients split larger reads into requests of this size)")
@@ -200,7 +205,7 @@ def load_toml(path: str) -> dict[str, Any]:
     ``cache_dir``, ``memory``, ``disk``, ``block_size``, ``policy``, ``ttl``,
     ``max_read``, ``max_inflight``, ``max_connections``, ``grace``, ``idle_timeout``, ``frame_timeout``,
     ``metrics_port``, ``metrics_host``,
-    ``cluster``, ``cluster_prefix``, and one
+    ``cluster``, ``cluster_prefix``, a ``[quota]`` table of ``"PREFIX" = "SIZE"``, and one
     ``[remotes.NAME]`` table per remote with ``url`` and optional
     ``storage_options``, ``memory``, ``disk``.
     """
@@ -211,6 +216,11 @@ def load_toml(path: str) -> dict[str, Any]:
              "max_inflight": "max_inflight"}
     for key, value in raw.items():
         if key == "remotes":
+            continue
+        if key == "quota":
+            if not isinstance(value, dict):
+                raise ValueError(f'{path}: quota must be a table of "PREFIX" = "SIZE"')
+            out["quotas"] = dict(parse_quota(f"{prefix}={size}") for prefix, size in value.items())
             continue
         if key in sizes:
             out[sizes[key]] = parse_size(value)

@@ -96,6 +96,12 @@ def render(stats: dict[str, Any]) -> str:
             out.sample("tier_bytes", "gauge", "Bytes held by a tier.", t["bytes"], remote=remote, tier=tier)
             out.sample("tier_capacity_bytes", "gauge", "A tier's bound.", t["capacity"], remote=remote, tier=tier)
             out.sample("tier_blocks", "gauge", "Blocks held by a tier.", t["blocks"], remote=remote, tier=tier)
+        for prefix, q in sorted((s.get("quotas") or {}).items()):
+            out.sample("quota_bytes", "gauge", "Bytes a quota's prefix holds in the node tiers.", q["used"],
+                       remote=remote, prefix=prefix)
+            out.sample("quota_limit_bytes", "gauge", "A quota's cap (--quota).", q["limit"], remote=remote, prefix=prefix)
+            out.sample("quota_evictions_total", "counter", "Blocks a quota's cap evicted.", q["evictions"],
+                       remote=remote, prefix=prefix)
         cluster = s.get("cluster")
         if cluster:
             for state in ("up", "degraded", "down"):

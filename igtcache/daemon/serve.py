@@ -8,7 +8,7 @@ import logging
 import sys
 
 from igtcache.daemon.config import (
-    DaemonConfig, default_cache_dir, default_socket_path, load_toml, parse_mode, parse_remote,
+    DaemonConfig, default_cache_dir, default_socket_path, load_toml, parse_mode, parse_quota, parse_remote,
 )
 from igtcache.daemon.server import Daemon, StartError
 from igtcache.policies import LIVE_POLICIES
@@ -115,11 +115,22 @@ def _parser() -> argparse.ArgumentParser:
                              "starts one on this machine")
     parser.add_argument("--cluster-prefix", metavar="PREFIX",
                         help="key prefix in the cluster, so deployments can share one Redis (default igtcache)")
+    parser.add_argument("--quota", action="append", default=[], metavar="PREFIX=SIZE", type=_quota,
+                        help="cap what one dataset or tenant may hold in each remote's node tiers, e.g. "
+                             "train/imagenet=200GiB (repeatable; a path counts against the longest prefix "
+                             "that holds it; past its cap its least recently read blocks leave)")
     parser.add_argument("--trace-dir", metavar="DIR",
                         help="record every read as a trace, DIR/NAME.csv per remote, for `igtcache bench replay`")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default info")
     return parser
+
+
+def _quota(text: str) -> tuple[str, int]:
+    try:
+        return parse_quota(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_config(args: argparse.Namespace) -> DaemonConfig:
@@ -136,6 +147,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         "trace_dir": args.trace_dir, "cluster": args.cluster, "cluster_prefix": args.cluster_prefix,
     }
     settings.update({key: value for key, value in options.items() if value is not None})
+    if args.quota:
+        settings["quotas"] = {**settings.get("quotas", {}), **dict(args.quota)}
     if args.socket_group and args.socket_mode is None and "socket_mode" not in settings:
         settings["socket_mode"] = 0o660
     return DaemonConfig(**settings)

@@ -166,7 +166,7 @@ class Daemon:
                     remote.url, storage_options=remote.storage_options, cache_dir=cache_dir,
                     memory_bytes=memory, disk_bytes=disk, block_size=cfg.block_size,
                     policy=cfg.policy, ttl=cfg.ttl, trace_path=cfg.remote_trace_path(remote),
-                    cluster=cfg.cluster, cluster_prefix=cfg.cluster_prefix,
+                    cluster=cfg.cluster, cluster_prefix=cfg.cluster_prefix, quotas=cfg.quotas,
                 )
                 if caches[remote.name].disk is not None:
                     group = group_id(cfg.socket_group) if cfg.socket_group is not None else None
