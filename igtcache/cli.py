@@ -16,6 +16,7 @@ COMMANDS = {
     "unmount": ("igtcache.fuse.unmount", "unmount an igtcache mount, lazily if files are still open"),
     "serve": ("igtcache.daemon.serve", "run the node daemon: one cache shared by every job, on a Unix socket"),
     "stats": ("igtcache.stats_cmd", "what the daemon is doing: tiers, hit ratios, jobs, streams (--watch)"),
+    "warm": ("igtcache.warm", "load a dataset into the node cache with progress; --check coverage, --evict"),
     "cluster": ("igtcache.redis_cluster", "a local Redis Cluster for the cluster tier: up, down, status"),
     "lora": ("igtcache.clients.materialize", "LoRA adapters for inference engines: materialize NAME DIR"),
 }
