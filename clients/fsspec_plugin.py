@@ -30,6 +30,7 @@ import datetime
 import logging
 import os
 import re
+import threading
 import weakref
 from typing import Any
 
@@ -108,6 +109,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._not_attached: list[str] = []  # why the daemon's remotes of this protocol are not this one
         self._engines: dict[str, Cache] = {}
         self._target_infos: dict[str, tuple[str, dict]] = {}  # path -> (cache's version, target's info), oldest first
+        self._target_infos_lock = threading.Lock()
         self._inherited: list[Cache] = []  # a parent's engines: never closed in a forked child
         weakref.finalize(self, _close_engines, self._engines, self._pid)
 
@@ -176,6 +178,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._pid = os.getpid()
         self._target_fs = self._given_fs
         self._engine_fs = None
+        self._target_infos_lock = threading.Lock()  # another thread of the parent may have held it
         weakref.finalize(self, _close_engines, self._engines, self._pid)
 
     def _engine(self, root: str) -> Cache:
@@ -303,10 +306,11 @@ class IgtcacheFileSystem(ChainedFileSystem):
         if object_version(info) != version:  # a listing cached by the target may be older than the cache's version
             target.invalidate_cache(name)
             info = target.info(name)
-        self._target_infos.pop(name, None)
-        self._target_infos[name] = (version, info)
-        while len(self._target_infos) > TARGET_INFOS:
-            self._target_infos.pop(next(iter(self._target_infos)))
+        with self._target_infos_lock:
+            self._target_infos.pop(name, None)
+            self._target_infos[name] = (version, info)
+            while len(self._target_infos) > TARGET_INFOS:
+                self._target_infos.pop(next(iter(self._target_infos)))
         return info
 
     def size(self, path: str) -> int:

@@ -321,6 +321,27 @@ def test_modified_and_created_of_local_and_memory_files(tmp_path, no_daemon):
     memory.rm("/igt-times", recursive=True)
 
 
+def test_info_asks_the_target_once_per_version_and_keeps_a_bounded_number(no_daemon, monkeypatch):
+    memory = fsspec.filesystem("memory")
+    paths = [f"/igt-infos/file-{i}.bin" for i in range(3)]
+    for path in paths:
+        memory.pipe_file(path, b"first")
+    created = memory.info(paths[0])["created"]
+    igt = fsspec.filesystem("igtcache", target_protocol="memory", skip_instance_cache=True)
+    asked = []
+    target_info = igt._target().info
+    monkeypatch.setattr(igt._target(), "info", lambda path, **kw: asked.append(path) or target_info(path, **kw))
+    assert igt.info(paths[0])["created"] == igt.info(paths[0])["created"] == created
+    assert asked == [paths[0]]
+    igt.pipe_file(paths[0], b"second version")
+    assert igt.info(paths[0])["size"] == len(b"second version") and asked == [paths[0]] * 2
+    monkeypatch.setattr("igtcache.clients.fsspec_plugin.TARGET_INFOS", 2)
+    for path in paths:
+        igt.info(path)
+    assert list(igt._target_infos) == paths[1:]
+    memory.rm("/igt-infos", recursive=True)
+
+
 def test_cat_ranges_reads_each_backends_ranges_at_once_and_reports_failures_in_place(s3_server, objects, backend,
                                                                                      monkeypatch):
     _fs3, prefix, data = objects
