@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import lmdb
 
@@ -54,6 +54,8 @@ from igtcache.disk_format import (
 from igtcache.hit_report import HitLog
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds a read snapshot serves before the next read of its thread takes a newer one.
 RENEW_AFTER = 0.05
@@ -181,36 +183,13 @@ class DiskTierReader:
 
     def info(self, path: str) -> MetaRecord | None:
         """``path``'s size and version if the daemon's last check still vouches for them."""
-        now = time.monotonic()
-        try:
-            snapshot = self._snapshot(now)
-        except lmdb.Error:
-            return None
-        try:
-            meta = self._fresh_meta(snapshot.txn, path, now)
-        except lmdb.Error:
-            meta = None
-        if meta is None:
-            snapshot.began = -math.inf  # the daemon is about to store what it finds: look anew next time
-        snapshot.lock.release()
-        return meta
+        return self._settle(lambda snapshot, now: self._fresh_meta(snapshot.txn, path, now))[0]
 
     def read(self, path: str, offset: int, size: int, job: str, out: memoryview | None = None) -> bytes | int | None:
         """Bytes ``[offset, offset+size)`` of ``path`` (``size`` -1: to the end), or with ``out`` the
         count written there; ``None`` if the tier alone cannot serve the read. ``path`` must be
         normalized (``igtcache.remote.normalize_path``)."""
-        now = time.monotonic()
-        try:
-            snapshot = self._snapshot(now)
-        except lmdb.Error:
-            return None
-        try:
-            found = self._serve(snapshot, path, offset, size, now, out)
-        except lmdb.Error:
-            found = None
-        if found is None:
-            snapshot.began = -math.inf  # the daemon is about to store what it finds: look anew next time
-        snapshot.lock.release()
+        found, now = self._settle(lambda snapshot, now: self._serve(snapshot, path, offset, size, now, out))
         if found is None:
             return None
         result, meta, length = found
@@ -220,6 +199,23 @@ class DiskTierReader:
             if len(self.log) >= REPORT_AT:
                 self._wake.set()
         return result
+
+    def _settle(self, settle: Callable[[_Snapshot, float], T | None]) -> tuple[T | None, float]:
+        """What ``settle`` finds in this thread's snapshot (``None``: the tier alone cannot
+        answer), and the time it was asked at."""
+        now = time.monotonic()
+        try:
+            snapshot = self._snapshot(now)
+        except lmdb.Error:
+            return None, now
+        try:
+            found = settle(snapshot, now)
+        except lmdb.Error:
+            found = None
+        if found is None:
+            snapshot.began = -math.inf  # the daemon is about to store what it finds: look anew next time
+        snapshot.lock.release()
+        return found, now
 
     def _serve(self, snapshot: _Snapshot, path: str, offset: int, size: int, now: float,
                out: memoryview | None) -> tuple[bytes | int, MetaRecord, int] | None:
