@@ -115,7 +115,7 @@ def resolve(remotes: dict[str, dict[str, Any]], url: str) -> Target:
         holding = [(served["root"].strip("/"), name) for name, served in remotes.items()
                    if scheme in served["protocols"] and _under(wanted, served["root"].strip("/"))]
         if holding:
-            root, name = max(holding)  # the innermost remote, where one's root lies under another's
+            root, name = max(holding, key=lambda held: len(held[0]))  # the innermost, if roots nest
             return Target(name, remotes[name]["url"], wanted[len(root):].strip("/"))
     else:
         name, _, prefix = url.partition(":")
