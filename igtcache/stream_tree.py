@@ -643,6 +643,18 @@ class AccessStreamTree:
             node, label = node.parent, Pattern.SEQUENTIAL
         return self._level(node, label)
 
+    def skewed_ancestor(self, path: str, job: Hashable = None) -> Level | None:
+        """The nearest directory above ``path`` (below the root) whose children ``job``
+        visits with skewed frequencies, or ``None``."""
+        node = self._deepest(path, None)
+        if node.path == path.strip("/"):
+            node = node.parent
+        while node is not None and node.parent is not None:
+            if self._label(node, job) is Pattern.SKEWED:
+                return self._level(node, Pattern.SKEWED)
+            node = node.parent
+        return None
+
     def climb(self, level: Level, job: Hashable, label: Pattern) -> Level:
         """The highest ancestor of ``level`` below the root that ``level`` reaches
         through ancestors labelled ``label`` for ``job`` (else ``level`` itself)."""

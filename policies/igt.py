@@ -92,16 +92,21 @@ _CODES = {label: code for code, label in enumerate(_LABELS)}
 
 
 class _Resident:
-    """A resident block: owner stream, size, where it is kept, and who protects it."""
+    """A resident block: owner stream, size, where it is kept, and who protects it.
 
-    __slots__ = ("stream", "size", "place", "reader", "since")
+    ``ahead``: readahead brings it back in time when it is gone (it was
+    requested ahead, or last read by a scan past its object's first block).
+    """
 
-    def __init__(self, stream: Stream, size: int) -> None:
+    __slots__ = ("stream", "size", "place", "reader", "since", "ahead")
+
+    def __init__(self, stream: Stream, size: int, ahead: bool = False) -> None:
         self.stream = stream
         self.size = size
         self.place = -1
         self.reader: Reader | None = None
         self.since = 0
+        self.ahead = ahead
 
 
 class _Request:
@@ -343,7 +348,7 @@ class IGT(Policy):
         pinned = self._pinned.get(key)
         if pinned is not None:
             guard, unread = pinned, True
-        blk = _Resident(stream, size)
+        blk = _Resident(stream, size, ahead=request is not None)
         if not unread and _class_of(stream.label) == _POOL and self._pool.used == self.used:
             # ARC holds every resident block: it makes room itself, exactly as ARC alone would.
             evicted = self._pool.insert(key, size)
@@ -676,6 +681,11 @@ class IGT(Policy):
         # A multi-block object gets a file node once a read lands past its first block: ask again then.
         if entry is None or entry[2] <= 0 or entry[3] <= tick or (deep and not entry[4]):
             level = tree.act_level(path, job, offset)
+            if multi and level.label is not Pattern.SKEWED and job in self._scanning:
+                # A job that loads whole objects from a skewed directory (adapters): each object is
+                # a unit, worth its loads. Valued in the directory's skewed stream, every block of
+                # an object counts one visit per load, as a table block counts one per lookup.
+                level = tree.skewed_ancestor(path, job) or level
             if level.label is Pattern.RANDOM:
                 # Random siblings are pooled up to the highest random ancestor below the root: a
                 # random parent visits its children in an exchangeable order, so they are worth
@@ -704,6 +714,7 @@ class IGT(Policy):
 
     def _used(self, key: Hashable, blk: _Resident, stream: Stream, reader: Reader, pin: bool) -> None:
         """A resident block was read by ``reader`` of ``stream``."""
+        blk.ahead = reader is not None and reader.sequential and key.index > 0
         if pin and (blk.place == _PROTECTED or self._protectable(blk.size)):
             if blk.place != _PROTECTED:
                 self._unplace(key, blk)
@@ -794,10 +805,17 @@ class IGT(Policy):
             heapq.heapify(self._uheap)
 
     def _skew_push(self, key: Hashable, blk: _Resident) -> None:
-        """(Re)value a block of the skewed class: its visit count per byte, or nothing if its stream is idle."""
+        """(Re)value a block of the skewed class: its visit count per byte, or nothing if its stream is idle.
+
+        Each visit a resident block serves saves a wait on the remote, unless readahead
+        would have brought the block in time anyway (``ahead``: a whole object's later
+        blocks); holding those saves only their transfer, so they count as sequential
+        streams do. A hot object thus keeps its first block before its rest.
+        """
         seen = self._history.get(key)
         count, epoch = (seen.count, seen.epoch) if seen is not None else (0.5, self._clock.epoch)
-        prio = -math.inf if blk.stream.idle else math.log2(count / blk.size) + epoch
+        weight = SEQ_DISCOUNT if blk.ahead else 1.0
+        prio = -math.inf if blk.stream.idle else math.log2(count * weight / blk.size) + epoch
         entry = self._skew[key] = (prio, next(self._seq))
         heapq.heappush(self._sheap, (*entry, key))
         if len(self._sheap) > 2 * len(self._skew) + 64:

@@ -255,6 +255,9 @@ class _Unlabelled:
     def levels(self, path, job=None, offset=None) -> list[Level]:
         return [self.act_level(path, job, offset)]
 
+    def skewed_ancestor(self, path, job=None) -> None:
+        return None
+
 
 def test_without_any_label_igt_is_its_arc_fallback():
     block = 64 * KiB

@@ -63,6 +63,19 @@ def test_big_file_read_at_zipf_offsets_is_skewed():
     assert tree.act_level("emb/table.bin", "j").label is SKW
 
 
+def test_skewed_ancestor_of_whole_object_loads():
+    tree, loads = AccessStreamTree(), zipf(100, np.random.default_rng(3), alpha=1.3, n=3000).items
+    for a in loads.tolist():
+        read_file(tree, f"lora/a{a:03d}/adapter.bin", 3, chunk=B // 4)
+    hot = f"lora/a{int(np.bincount(loads).argmax()):03d}"
+    assert tree.pattern("lora", "j") is SKW
+    level = tree.skewed_ancestor(f"{hot}/adapter.bin", "j")
+    assert (level.path, level.label) == ("lora", SKW)
+    assert tree.skewed_ancestor(f"{hot}/adapter.bin", "another job") is None
+    read_file(tree, "flat/one.bin", 3)
+    assert tree.skewed_ancestor("flat/one.bin", "j") is None
+
+
 def test_workers_at_different_places_of_a_big_file_make_region_streams():
     tree = AccessStreamTree(region_size=64 * B)
     cursors = [w * 64 * B for w in range(16)]  # 16 workers, one region each
