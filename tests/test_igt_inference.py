@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from igtcache.bench import gen
-from igtcache.bench.replay import replay
+from igtcache.bench.replay import footprint, replay
 from igtcache.policies import IGT
 from igtcache.policies.igt import MIN_AGING_PERIOD
 from igtcache.read_driver import ReadDriver
 
 KiB, MiB = 1024, 1024**2
 EMBED = "inference-embed-0"
+CLASSICAL = ["lru", "arc", "s3fifo"]
 LINK = {"latency_s": 0.02, "bandwidth_Bps": 500e6}
 
 
@@ -72,3 +75,21 @@ def test_a_shifted_hot_set_is_followed_within_one_aging_period():
     assert before > 0.8
     assert embed_hit_ratio(rows, "igt", capacity, shift + MIN_AGING_PERIOD) >= before - 0.02
     assert embed_hit_ratio(rows, "lfu", capacity, shift + MIN_AGING_PERIOD) < 0.5 * before
+
+
+@pytest.mark.parametrize("zipf, share, over_classical", [
+    (0.8, 0.1, 1.3), (0.8, 0.3, 1.3), (1.2, 0.1, 1.3),
+    (1.2, 0.3, 1.2),  # skewed enough that classical policies keep the hot adapters too: 1.25x here
+])
+def test_inference_byte_hits_beat_classical_policies_and_belady(zipf, share, over_classical):
+    scenario = gen.Inference(jobs=2, loads=400, adapters=60, adapter_size=4 * MiB, read_size=256 * KiB,
+                             zipf=zipf, interval=0.05, throughput=50 * 1000**2, lookups=20000,
+                             table_size=64 * MiB, record_size=4 * KiB, table_zipf=zipf)
+    rows = list(scenario.rows(random.Random(3)))
+    capacity = int(footprint(rows, MiB) * share)
+    results = {name: replay(rows, name, capacity, MiB, **LINK) for name in ["igt", "belady", *CLASSICAL]}
+    igt = results["igt"]
+    assert igt["byte_hit_ratio"] >= over_classical * max(results[n]["byte_hit_ratio"] for n in CLASSICAL)
+    assert igt["byte_hit_ratio"] >= results["belady"]["byte_hit_ratio"]
+    assert igt["hit_ratio"] > max(results[n]["hit_ratio"] for n in CLASSICAL)
+    assert igt["stall_s"] < min(results[n]["stall_s"] for n in CLASSICAL)
