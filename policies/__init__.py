@@ -9,9 +9,26 @@ from .lfu import LFU
 from .lru import LRU
 from .s3fifo import S3FIFO
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady, IGT)
-}
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy], *, clobber: bool = False) -> type[Policy]:
+    """Register ``cls`` under its ``name`` (lower case); returns it, so it can decorate the class.
+
+    A name already taken by another class is refused unless ``clobber``.
+    """
+    name = cls.name.lower()
+    if not name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    held = POLICIES.get(name)
+    if held is not None and held is not cls and not clobber:
+        raise ValueError(f"policy {name!r} is already {held.__qualname__}; pass clobber=True to replace it")
+    POLICIES[name] = cls
+    return cls
+
+
+for _cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady, IGT):
+    register_policy(_cls)
 
 
 #: Policies a live cache can run (Belady needs the future, so only the replay has it).
@@ -29,5 +46,5 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 __all__ = [
     "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
-    "LIVE_POLICIES", "POLICIES", "make_policy",
+    "LIVE_POLICIES", "POLICIES", "make_policy", "register_policy",
 ]

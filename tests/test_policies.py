@@ -9,6 +9,7 @@ import pytest
 from igtcache.policies import (
     ARC, FIFO, LFU, LRU, POLICIES, S3FIFO, Belady, BlockKey, FutureOracle, Policy, make_policy,
 )
+import igtcache.policies as policies
 from igtcache.residency import Residency
 
 BASELINES = ["lru", "fifo", "lfu", "arc", "s3fifo"]
@@ -164,3 +165,21 @@ def test_oracle_checks_the_request_order():
     assert oracle.next_use("a") == 2
     with pytest.raises(ValueError, match="out of step"):
         oracle.advance("a")
+
+
+def test_register_policy_refuses_to_replace_another_unless_asked(monkeypatch):
+    monkeypatch.setattr(policies, "POLICIES", dict(POLICIES))  # a registry of the test's own
+
+    class Mine(LRU):
+        name = "Mine"
+
+    assert policies.register_policy(Mine) is Mine and policies.POLICIES["mine"] is Mine
+    assert policies.register_policy(Mine) is Mine  # the same class again is no conflict
+
+    class Other(LRU):
+        name = "mine"
+
+    with pytest.raises(ValueError, match="already"):
+        policies.register_policy(Other)
+    policies.register_policy(Other, clobber=True)
+    assert policies.make_policy("MINE", 10).__class__ is Other
