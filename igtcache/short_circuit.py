@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import itertools
 import logging
 import math
 import os
@@ -235,7 +236,7 @@ class DiskTierReader:
         if offset >= end:
             return (0 if out is not None else b""), meta, 0
         bs = self.block_size
-        parts = []
+        parts, whole = [], []  # whole blocks are verified on the copy returned: one pass over the map, not two
         for index in range(offset // bs, (end - 1) // bs + 1):
             raw_key = digest + index.to_bytes(8, "big")
             entry = txn.get(raw_key, db=self._index_db)
@@ -244,17 +245,32 @@ class DiskTierReader:
                 return None
             start = index * bs
             lo, hi = max(offset - start, 0), min(end - start, bs)
-            if len(data) != min(bs, meta.size - start) or not verified(entry, data, lo, hi):
+            if len(data) != min(bs, meta.size - start):
+                self.damaged += 1
+                return None
+            if lo == 0 and hi == len(data):
+                whole.append((len(parts), entry))
+            elif not verified(entry, data, lo, hi):
                 self.damaged += 1
                 return None
             parts.append(data[lo:hi])
         if out is None:
-            return b"".join(parts), meta, end - offset
-        at = 0
-        for part in parts:
-            out[at:at + len(part)] = part
-            at += len(part)
-        return at, meta, at
+            result = b"".join(parts)
+            copy = memoryview(result)
+        else:
+            result = end - offset
+            copy = out[:result]
+            at = 0
+            for part in parts:
+                copy[at:at + len(part)] = part
+                at += len(part)
+        if whole:
+            starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
+            for i, entry in whole:
+                if not verified(entry, copy[starts[i]:starts[i + 1]]):
+                    self.damaged += 1
+                    return None  # a copy into ``out`` is left there: the caller reads again over the socket
+        return result, meta, end - offset
 
     def _fresh_meta(self, txn: lmdb.Transaction, path: str, now: float) -> MetaRecord | None:
         value = txn.get(path_key(path), db=self._meta_db)
