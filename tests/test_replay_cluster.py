@@ -139,8 +139,8 @@ def test_one_node_without_a_cluster_tier_is_bench_replay(policy):
     keys = ("reads", "hit_ratio", "byte_hit_ratio", "remote_bytes", "wasted_prefetch_bytes", "late_prefetches")
     assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}
     assert got["jobs"].keys() == expected["jobs"].keys() and len(got["jobs"]) == 5
-    for job, figures in expected["jobs"].items():
-        assert {k: got["jobs"][job][k] for k in figures} == figures, job
+    for job, figures in expected["jobs"].items():  # the cluster replay times no read: no stall figures
+        assert {k: got["jobs"][job][k] for k in keys} == {k: figures[k] for k in keys}, job
     if policy == "igt":
         assert expected["late_prefetches"] > 0 or expected["wasted_prefetch_bytes"] > 0  # readahead ran
 
