@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "attach", "embedded")
 TARGET_INFOS = 4096  # target infos kept per filesystem (one per object version seen)
+ROUTES = 1 << 16  # paths whose backend a filesystem remembers, for the hit path
 
 
 class IgtcacheFileSystem(ChainedFileSystem):
@@ -108,6 +109,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
         self._daemon: list[tuple[str, DaemonClient]] | None = None  # (root, client), longest root first
         self._not_attached: list[str] = []  # why the daemon's remotes of this protocol are not this one
         self._engines: dict[str, Cache] = {}
+        self._routes: dict[str, tuple[Any, str, str]] = {}  # paths as given -> _route's answer, in this process
         self._target_infos: dict[str, tuple[str, dict]] = {}  # path -> (cache's version, target's info), oldest first
         self._target_infos_lock = threading.Lock()
         self._inherited: list[Cache] = []  # a parent's engines: never closed in a forked child
@@ -118,6 +120,15 @@ class IgtcacheFileSystem(ChainedFileSystem):
     def _route(self, path: str) -> tuple[Any, str, str]:
         """``(backend, path inside it, backend root)`` for a full target path."""
         self._after_fork()
+        routed = self._routes.get(path)
+        if routed is None:
+            routed = self._find_route(path)
+            if len(self._routes) >= ROUTES:
+                self._routes.clear()
+            self._routes[path] = routed
+        return routed
+
+    def _find_route(self, path: str) -> tuple[Any, str, str]:
         path = self._strip_protocol(path)
         key = path.strip("/")
         for root, client in self._daemon_remotes():
@@ -175,6 +186,7 @@ class IgtcacheFileSystem(ChainedFileSystem):
             return
         self._inherited += self._engines.values()
         self._engines = {}
+        self._routes = {}
         self._pid = os.getpid()
         self._target_fs = self._given_fs
         self._engine_fs = None

@@ -76,7 +76,7 @@ class ShortCircuitUnavailable(OSError):
 class _Snapshot:
     """One thread's read transaction, and when it began and was last used."""
 
-    __slots__ = ("lock", "txn", "began", "used", "generation", "thread", "objects")
+    __slots__ = ("lock", "txn", "began", "used", "generation", "thread", "objects", "blocks")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -85,6 +85,7 @@ class _Snapshot:
         self.generation = -1
         self.thread = threading.current_thread()
         self.objects: dict[str, tuple[MetaRecord, bytes]] = {}  # looked up in this snapshot
+        self.blocks: dict[bytes, tuple[memoryview, memoryview]] = {}  # index entry and bytes, by block key
 
 
 class DiskTierReader:
@@ -239,10 +240,13 @@ class DiskTierReader:
         parts, whole = [], []  # whole blocks are verified on the copy returned: one pass over the map, not two
         for index in range(offset // bs, (end - 1) // bs + 1):
             raw_key = digest + index.to_bytes(8, "big")
-            entry = txn.get(raw_key, db=self._index_db)
-            data = txn.get(raw_key, db=self._data_db) if entry is not None else None
+            entry, data = snapshot.blocks.get(raw_key) or (None, None)
             if data is None:
-                return None
+                entry = txn.get(raw_key, db=self._index_db)
+                data = txn.get(raw_key, db=self._data_db) if entry is not None else None
+                if data is None:
+                    return None
+                snapshot.blocks[raw_key] = (entry, data)
             start = index * bs
             lo, hi = max(offset - start, 0), min(end - start, bs)
             if len(data) != min(bs, meta.size - start):
@@ -303,6 +307,7 @@ class DiskTierReader:
                     snapshot.txn.abort()
                     snapshot.txn = None
                 snapshot.objects.clear()
+                snapshot.blocks.clear()  # views into the old snapshot: invalid once it ends
                 snapshot.txn = self._env.begin(buffers=True)
                 snapshot.began, snapshot.generation = now, self._generation
         except BaseException:
@@ -369,6 +374,8 @@ class DiskTierReader:
             if snapshot.lock.acquire(blocking=False):
                 try:
                     if snapshot.txn is not None:
+                        snapshot.objects.clear()
+                        snapshot.blocks.clear()
                         snapshot.txn.abort()
                         snapshot.txn = None
                 finally:
