@@ -6,7 +6,8 @@ scenario's counts (files, shards, reads, loads, lookups) to make tiny test
 traces or large benchmark ones; sizes stay as given. Each job has its own
 clock: reading ``n`` bytes takes ``n / throughput`` seconds (throughput per
 job), and concurrent jobs are merged by timestamp. Paths start with the
-scenario's name and job ids are ``SCENARIO-N``, so scenarios never collide.
+scenario's name and job ids are ``SCENARIO-N`` (``SCENARIO-ROLE-N`` where a
+scenario has jobs of several kinds), so scenarios never collide.
 Same seed, same options: the same trace.
 
 Scenarios and their options (defaults in brackets):

@@ -1,4 +1,4 @@
-"""IGT: the pattern-aware policy, driven by the AccessStreamTree (issue 4).
+"""IGT: the pattern-aware policy, driven by the AccessStreamTree.
 
 Every read is attributed to a *stream*: the level the tree says to act on
 (region, file or directory; all jobs pooled), raised to the highest random

@@ -1,4 +1,4 @@
-"""The IGT policy on small traces: each property of issue 4, against the baselines.
+"""The IGT policy on small traces: each of its properties, against the baselines.
 
 Every test replays a tiny synthetic trace through ``igtcache.bench.replay``
 (the Residency code path the engine uses), with fixed seeds, and checks one
