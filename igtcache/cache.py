@@ -55,6 +55,7 @@ BATCH_REVALIDATION = 16
 
 MiB = 1 << 20
 GiB = 1 << 30
+READ_MANY_THREADS = 16  # ranges of one read_many read at once
 
 
 class CacheDirInUse(RuntimeError):
@@ -160,6 +161,7 @@ class Cache:
         self.quotas = Quotas(quotas or {})
         self._inflight: dict[BlockKey, concurrent.futures.Future] = {}  # the driver's fetches in flight
         self._store_pool = concurrent.futures.ThreadPoolExecutor(2, "igtcache-store")
+        self._readers = concurrent.futures.ThreadPoolExecutor(READ_MANY_THREADS, "igtcache-read-many")
         self._warned_disk_full = False
         self._closed = False
         self._started = clock()
@@ -212,8 +214,16 @@ class Cache:
         raise AssertionError("unreachable")
 
     def read_many(self, reads: list[tuple[str, int, int]], *, job: str | None = None) -> list[bytes]:
-        """The bytes of each ``(path, offset, size)`` range, in order (as ``DaemonClient.read_many``)."""
-        return [self.read(path, offset, size, job=job) for path, offset, size in reads]
+        """The bytes of each ``(path, offset, size)`` range, in order (as ``DaemonClient.read_many``).
+
+        The ranges are read concurrently, so the misses of all of them are fetched at once
+        (a Parquet reader's column chunks); the first failure is raised once all are done.
+        """
+        if len(reads) <= 1:
+            return [self.read(path, offset, size, job=job) for path, offset, size in reads]
+        futures = [self._readers.submit(self.read, path, offset, size, job=job) for path, offset, size in reads]
+        concurrent.futures.wait(futures)
+        return [future.result() for future in futures]
 
     def info(self, path: str) -> dict[str, Any]:
         """Size and version of an object (revalidated after ``ttl``)."""
@@ -370,6 +380,7 @@ class Cache:
             return
         self._closed = True
         self.flush()
+        self._readers.shutdown(wait=True)
         self._store_pool.shutdown(wait=True)
         self._revalidator.shutdown(wait=True, cancel_futures=True)
         self.source.close()

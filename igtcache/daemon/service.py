@@ -106,7 +106,7 @@ class Service:
                              f"--max-read of {self.max_read}; read in smaller batches")
         grant = self.budget.acquire(total)
         try:
-            pieces = [cache.read(path, offset, size, job=job) for path, offset, size in ranges]
+            pieces = cache.read_many(ranges, job=job)
         except BaseException:
             grant.release()
             raise
