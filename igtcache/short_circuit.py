@@ -63,8 +63,8 @@ RENEW_AFTER = 0.05
 #: Seconds a snapshot may sit unused before the janitor releases it.
 IDLE_RELEASE = 0.5
 #: Seconds between reports of hits to the daemon (sooner when ``REPORT_AT`` are waiting).
-REPORT_EVERY = 0.05
-REPORT_AT = 4096
+REPORT_EVERY = 0.25
+REPORT_AT = 16384
 #: Seconds between checks that the environment opened is still the daemon's.
 RECHECK_EVERY = 1.0
 
