@@ -44,6 +44,9 @@ from igtcache.residency import AccessBatch, Residency, block_length
 from igtcache.stats import JobCounters
 from igtcache.stream_tree import AccessStreamTree, Groups
 
+#: The hint of a warm-up's reads (``igtcache warm``): their blocks are cached only into free room.
+WARM = "warm"
+
 
 @dataclass(frozen=True)
 class Fetch:
@@ -76,6 +79,7 @@ class _InFlight:
     length: int
     prefetched: bool
     read: bool = False  # a read has needed it (a late prefetch is used, not wasted)
+    warm: bool = False  # fetched for a warm-up: cached only into free room
 
 
 class ReadDriver:
@@ -109,7 +113,7 @@ class ReadDriver:
         for key in placed.missing:
             flight = self.inflight.get(key)
             if flight is None:
-                plan.fetches.append(self._issue(key, object_size, job, prefetched=False))
+                plan.fetches.append(self._issue(key, object_size, job, prefetched=False, warm=hint == WARM))
                 continue
             plan.waiting.append(key)
             if flight.prefetched and not flight.read:
@@ -152,7 +156,8 @@ class ReadDriver:
     def readahead(self, access: Access) -> list[Fetch]:
         """Issue the blocks the policy wants fetched ahead of ``access``."""
         keys = [k for k in self.residency.prefetch(access) if k not in self.inflight]
-        return [self._issue(k, access.object_size, access.job, prefetched=True) for k in keys]
+        return [self._issue(k, access.object_size, access.job, prefetched=True, warm=access.hint == WARM)
+                for k in keys]
 
     def prefetch(self, *, job: str, path: str, version: str, object_size: int,
                  first: int, last: int) -> list[Fetch]:
@@ -204,6 +209,8 @@ class ReadDriver:
             if flight.prefetched:
                 self.counters.count(flight.job, "prefetch_bytes", length)
         self.policy.observe_fetch(length, seconds)
+        if flight.warm and self.policy.used + length > self.policy.capacity:
+            admit = False  # a warm-up never evicts: what reads have shown to be worth keeping stays
         unread = flight.prefetched and not flight.read
         evicted = self.residency.admit(key, length, prefetched=unread) if admit else None
         if evicted is None:
@@ -226,9 +233,9 @@ class ReadDriver:
             self.residency.drop(key)
         self._left(keys)
 
-    def _issue(self, key: BlockKey, object_size: int, job: str, *, prefetched: bool) -> Fetch:
+    def _issue(self, key: BlockKey, object_size: int, job: str, *, prefetched: bool, warm: bool = False) -> Fetch:
         length = block_length(key.index, object_size, self.block_size)
-        self.inflight[key] = _InFlight(job, length, prefetched)
+        self.inflight[key] = _InFlight(job, length, prefetched, warm=warm)
         if prefetched:
             self.counters.count(job, "prefetch_issued")
         return Fetch(key, length, prefetched, job)
