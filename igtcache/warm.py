@@ -68,6 +68,7 @@ class Outcome:
     files: int = 0
     bytes: int = 0
     cached_before: int = 0  # bytes of the warmed files the node tiers held already
+    held_after: int = 0  # bytes of them the node tiers hold once read (a warm-up only fills free room)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
     seconds: float = 0.0
 
@@ -181,7 +182,7 @@ def capacity_warning(total: int, capacity: int) -> str | None:
     if total <= capacity:
         return None
     return (f"warning: this warm ({format_size(total)}) is larger than the node's cache ({format_size(capacity)}); "
-            "not all of it will stay, and the cache policy keeps what it values most, warmed or not")
+            "a warm-up only fills free room and never evicts what jobs use, so the rest is read but not kept")
 
 
 # ---------------------------------------------------------------------- progress
@@ -255,9 +256,10 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------- the three actions
 
-def warm_file(client: DaemonClient, name: str, chunk: int, progress: Progress, stop: threading.Event) -> int:
+def warm_file(client: DaemonClient, name: str, chunk: int, progress: Progress,
+              stop: threading.Event) -> tuple[int, int]:
     """Read ``name`` through the daemon in chunks of ``chunk`` bytes; the bytes of it the node
-    tiers held before."""
+    tiers held before and hold after."""
     held = client.residency(name)
     offset, size = 0, held["size"]
     while offset < size and not stop.is_set():
@@ -267,7 +269,8 @@ def warm_file(client: DaemonClient, name: str, chunk: int, progress: Progress, s
         offset += got
         progress.add(got)
     progress.add(0, files=1)
-    return max(held["memory"], held["disk"])
+    after = client.residency(name)
+    return max(held["memory"], held["disk"]), max(after["memory"], after["disk"])
 
 
 def warm(client: DaemonClient, files: list[dict[str, Any]], parallel: int, progress: Progress) -> Outcome:
@@ -283,7 +286,7 @@ def warm(client: DaemonClient, files: list[dict[str, Any]], parallel: int, progr
         for future in concurrent.futures.as_completed(futures):
             entry = futures[future]
             try:
-                outcome.cached_before += future.result()
+                before, after = future.result()
             except DaemonUnavailable:
                 raise
             except (OSError, ValueError) as exc:
@@ -292,6 +295,8 @@ def warm(client: DaemonClient, files: list[dict[str, Any]], parallel: int, progr
                 continue
             outcome.files += 1
             outcome.bytes += entry["size"]
+            outcome.cached_before += before
+            outcome.held_after += after
     finally:
         stop.set()  # on an error or Ctrl-C, threads stop after their current chunk
         pool.shutdown(wait=True, cancel_futures=True)
@@ -302,10 +307,14 @@ def warm(client: DaemonClient, files: list[dict[str, Any]], parallel: int, progr
 def summary(outcome: Outcome, target: Target) -> str:
     """One line on what a warm did (and one more per failed file)."""
     rate = outcome.bytes / outcome.seconds if outcome.seconds > 0 else 0.0
-    loaded = outcome.bytes - outcome.cached_before
+    loaded = max(0, outcome.held_after - outcome.cached_before)
     lines = [f"warmed {target.show()}: {_files(outcome.files)}, {format_size(outcome.bytes)} in "
              f"{outcome.seconds:.1f} s ({format_size(rate)}/s): {format_size(loaded)} loaded, "
              f"{format_size(outcome.cached_before)} already cached"]
+    left_out = outcome.bytes - max(outcome.held_after, outcome.cached_before)
+    if left_out > 0:
+        lines[0] += (f", {format_size(left_out)} not kept: a warm-up only fills free room and never evicts "
+                     "(`--evict` an old dataset to make room)")
     if outcome.failed:
         lines.append(f"{_files(len(outcome.failed))} failed (run again to retry them):")
         lines += [f"  {name}: {why}" for name, why in outcome.failed]

@@ -186,13 +186,15 @@ def test_a_warm_larger_than_the_cache_says_so_before_loading(tmp_path):
                 return super().write(text)
 
         parsed = warm_cmd._parser().parse_args([f"file://{data}"])
+        out = io.StringIO()
         with DaemonClient(daemon.socket_path, short_circuit=False) as client:
-            status = warm_cmd.run(parsed, client, io.StringIO(), Recording())
+            status = warm_cmd.run(parsed, client, out, Recording())
     assert status == 0
     warning, remote_bytes = seen[0]
     assert remote_bytes == 0
     assert "larger than the node's cache" in warning and "3 MiB" in warning and "2 MiB" in warning
-    assert "keeps what it values most" in warning
+    assert "never evicts" in warning
+    assert "not kept" in out.getvalue()  # the summary says how much did not fit
     assert "3/3 files" in "".join(text for text, _ in seen[1:])
 
 
