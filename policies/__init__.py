@@ -1,7 +1,7 @@
 """Cache policies: the decisions the engine delegates (eviction, admission, prefetch)."""
 
 from .arc import ARC
-from .base import Access, BlockKey, Policy
+from .base import Access, BlockKey, Insertion, Policy
 from .belady import Belady, FutureOracle
 from .fifo import FIFO
 from .igt import IGT
@@ -45,6 +45,6 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 __all__ = [
-    "Access", "BlockKey", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
+    "Access", "BlockKey", "Insertion", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
     "LIVE_POLICIES", "POLICIES", "make_policy", "register_policy",
 ]

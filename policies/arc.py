@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable
 
-from .base import Policy
+from .base import Insertion, Policy
 
 
 class ARC(Policy):
@@ -30,24 +30,21 @@ class ARC(Policy):
         self._b1: OrderedDict[Hashable, int] = OrderedDict()
         self._b2: OrderedDict[Hashable, int] = OrderedDict()
         self._t1_bytes = self._t2_bytes = self._b1_bytes = self._b2_bytes = 0
-        self._ghost_hit: str | None = None  # which ghost list the incoming key came from
 
-    def insert(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
-        """Adapt ``p`` if ``key`` is a ghost, make room (REPLACE), then cache it."""
-        self._ghost_hit = None
+    def _arriving(self, key: Hashable, size: int, prefetched: bool) -> Insertion:
+        """Adapt ``p`` if ``key`` is a ghost; ``origin`` names its ghost list ("b1", "b2" or None)."""
+        origin = None
         if key in self._b1:
             ratio = max(self._b2_bytes / self._b1_bytes, 1.0)
             self.p = min(float(self.capacity), self.p + size * ratio)
             self._b1_bytes -= self._b1.pop(key)
-            self._ghost_hit = "b1"
+            origin = "b1"
         elif key in self._b2:
             ratio = max(self._b1_bytes / self._b2_bytes, 1.0)
             self.p = max(0.0, self.p - size * ratio)
             self._b2_bytes -= self._b2.pop(key)
-            self._ghost_hit = "b2"
-        evicted = super().insert(key, size, prefetched=prefetched)
-        self._trim_ghosts()
-        return evicted
+            origin = "b2"
+        return Insertion(key, size, prefetched, origin)
 
     def touch(self, key: Hashable) -> None:
         if key in self._t1:
@@ -58,19 +55,20 @@ class ARC(Policy):
         elif key in self._t2:
             self._t2.move_to_end(key)
 
-    def peek_victim(self) -> Hashable:
-        """The key the next eviction would take (nothing changes)."""
-        return self._choose()[0]
+    def peek_victim(self, incoming: Insertion | None = None) -> Hashable:
+        """The key the next eviction for ``incoming`` would take (nothing changes)."""
+        return self._choose(incoming)[0]
 
-    def _choose(self) -> tuple[Hashable, int, bool]:
+    def _choose(self, incoming: Insertion | None) -> tuple[Hashable, int, bool]:
         """REPLACE: the oldest of T1 while T1 exceeds its target, else of T2: ``(key, size, from T1)``."""
-        t1_over = self._t1_bytes > self.p or (self._ghost_hit == "b2" and self._t1_bytes >= self.p)
+        b2 = incoming is not None and incoming.origin == "b2"
+        t1_over = self._t1_bytes > self.p or (b2 and self._t1_bytes >= self.p)
         if self._t1 and (t1_over or not self._t2):
             return *next(iter(self._t1.items())), True
         return *next(iter(self._t2.items())), False
 
-    def _victim(self, incoming: Hashable) -> Hashable:
-        key, size, from_t1 = self._choose()  # its key moves to the matching ghost list
+    def _victim(self, incoming: Insertion) -> Hashable:
+        key, size, from_t1 = self._choose(incoming)  # its key moves to the matching ghost list
         if from_t1:
             self._b1[key] = size
             self._b1_bytes += size
@@ -79,13 +77,15 @@ class ARC(Policy):
             self._b2_bytes += size
         return key
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
-        if self._ghost_hit:
+    def _on_insert(self, incoming: Insertion) -> None:
+        key, size = incoming.key, incoming.size
+        if incoming.origin:
             self._t2[key] = size
             self._t2_bytes += size
         else:
             self._t1[key] = size
             self._t1_bytes += size
+        self._trim_ghosts()
 
     def _on_remove(self, key: Hashable) -> None:
         if key in self._t1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Hashable, NamedTuple
+from typing import Any, Hashable, NamedTuple
 
 
 class BlockKey(NamedTuple):
@@ -45,6 +45,21 @@ class Access:
     @property
     def blocks(self) -> range:
         return range(self.first_block, self.last_block + 1)
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """A block being made resident: the argument of every insertion hook.
+
+    ``origin`` is what the policy found out about the key before making room
+    (:meth:`Policy._arriving`): for ARC the ghost list it came from, for
+    S3-FIFO whether it was a ghost, for IGT where it is to be kept.
+    """
+
+    key: Hashable
+    size: int
+    prefetched: bool = False
+    origin: Any = None
 
 
 class Policy(ABC):
@@ -97,15 +112,23 @@ class Policy(ABC):
         """Make ``key`` resident; return the keys evicted to make room."""
         if key in self._sizes:
             self.remove(key)
+        return self._insert(self._arriving(key, size, prefetched))
+
+    def _insert(self, incoming: Insertion) -> list[Hashable]:
+        """Evict until ``incoming`` fits, then make it resident; return the evicted keys."""
         evicted: list[Hashable] = []
-        while self.used + size > self.capacity and self._sizes:
-            victim = self._victim(key)
+        while self.used + incoming.size > self.capacity and self._sizes:
+            victim = self._victim(incoming)
             self.remove(victim)
             evicted.append(victim)
-        self._sizes[key] = size
-        self.used += size
-        self._on_insert(key, size, prefetched)
+        self._sizes[incoming.key] = incoming.size
+        self.used += incoming.size
+        self._on_insert(incoming)
         return evicted
+
+    def _arriving(self, key: Hashable, size: int, prefetched: bool) -> Insertion:
+        """What the policy finds out about a key about to be inserted (none by default)."""
+        return Insertion(key, size, prefetched)
 
     def remove(self, key: Hashable) -> None:
         """Forget ``key`` (evicted, invalidated, or found corrupt)."""
@@ -134,11 +157,11 @@ class Policy(ABC):
         """A resident block was used."""
 
     @abstractmethod
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         """The resident key to evict next to make room for ``incoming``."""
 
     @abstractmethod
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
+    def _on_insert(self, incoming: Insertion) -> None:
         """Record a newly resident key."""
 
     @abstractmethod

@@ -17,7 +17,7 @@ import math
 from array import array
 from typing import Hashable, Iterable
 
-from .base import Access, BlockKey, Policy
+from .base import Access, BlockKey, Insertion, Policy
 
 
 class FutureOracle:
@@ -83,7 +83,7 @@ class Belady(Policy):
     def touch(self, key: Hashable) -> None:
         pass  # observe() has already rescheduled every block of the read
 
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         heap = self._heap
         while True:
             neg_due, _, key = heap[0]
@@ -91,8 +91,8 @@ class Belady(Policy):
                 return key
             heapq.heappop(heap)
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
-        self._schedule(key)
+    def _on_insert(self, incoming: Insertion) -> None:
+        self._schedule(incoming.key)
 
     def _on_remove(self, key: Hashable) -> None:
         del self._due[key]

@@ -46,7 +46,7 @@ from igtcache.patterns import Pattern
 from igtcache.stream_tree import Groups, stable_order
 
 from .arc import ARC
-from .base import Access, BlockKey, Policy
+from .base import Access, BlockKey, Insertion, Policy
 from .igt_batch import advance_readers, last_true
 from .igt_readahead import Reader, Readahead
 from .igt_streams import Clock, History, Stream, silent
@@ -169,7 +169,6 @@ class IGT(Policy):
         self._next_rebalance = FIRST_REBALANCE
         self._orphans = Stream(None, Pattern.UNKNOWN, self._clock)
         self._block_size = 0
-        self._incoming: tuple[_Resident, Reader | None, bool] | None = None  # insert() -> _on_insert()
 
     # -- the engine's calls ------------------------------------------------
 
@@ -323,7 +322,7 @@ class IGT(Policy):
 
     # -- Policy hooks ------------------------------------------------------
 
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         best = self._min_class()
         if best is None:
             return next(iter(self._protected))
@@ -332,11 +331,10 @@ class IGT(Policy):
             return next(reversed(holder.blocks))  # most recently used: needed last by a loop or an epoch
         if place == _SKEWED:
             return holder
-        return self._pool._victim(incoming)
+        return self._pool._victim(Insertion(incoming.key, incoming.size, incoming.prefetched))  # no ARC ghost
 
-    def insert(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
-        if key in self._sizes:
-            self.remove(key)
+    def _arriving(self, key: Hashable, size: int, prefetched: bool) -> Insertion:
+        """Where the block is to be kept: ``origin`` is ``(block, protecting reader, unread)``."""
         request = self._requested.pop(key, None)
         if request is not None:
             self._requested_bytes -= request.size
@@ -348,8 +346,14 @@ class IGT(Policy):
         pinned = self._pinned.get(key)
         if pinned is not None:
             guard, unread = pinned, True
-        blk = _Resident(stream, size, ahead=request is not None)
-        if not unread and _class_of(stream.label) == _POOL and self._pool.used == self.used:
+        return Insertion(key, size, prefetched, (_Resident(stream, size, ahead=request is not None), guard, unread))
+
+    def insert(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
+        if key in self._sizes:
+            self.remove(key)
+        incoming = self._arriving(key, size, prefetched)
+        blk, _, unread = incoming.origin
+        if not unread and _class_of(blk.stream.label) == _POOL and self._pool.used == self.used:
             # ARC holds every resident block: it makes room itself, exactly as ARC alone would.
             evicted = self._pool.insert(key, size)
             for victim in evicted:
@@ -359,11 +363,10 @@ class IGT(Policy):
             blk.place = _POOL
             self._blocks[key] = blk
             return evicted
-        self._incoming = (blk, guard, unread)
-        return super().insert(key, size, prefetched=prefetched)
+        return self._insert(incoming)
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
-        blk, guard, unread = self._incoming
+    def _on_insert(self, incoming: Insertion) -> None:
+        key, (blk, guard, unread) = incoming.key, incoming.origin
         self._blocks[key] = blk
         if not (unread and self._protect(key, blk, guard)):
             self._place(key, blk, blk.stream)

@@ -11,7 +11,7 @@ import heapq
 import itertools
 from typing import Hashable
 
-from .base import Policy
+from .base import Insertion, Policy
 
 
 class LFU(Policy):
@@ -29,7 +29,7 @@ class LFU(Policy):
         if key in self._rank:
             self._push(key, self._rank[key][0] + 1)
 
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         heap = self._heap
         while True:
             uses, tick, key = heap[0]
@@ -37,9 +37,9 @@ class LFU(Policy):
                 return key
             heapq.heappop(heap)
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
+    def _on_insert(self, incoming: Insertion) -> None:
         # A prefetched block has not been used yet; a demand-fetched one has, once.
-        self._push(key, 0 if prefetched else 1)
+        self._push(incoming.key, 0 if incoming.prefetched else 1)
 
     def _on_remove(self, key: Hashable) -> None:
         del self._rank[key]

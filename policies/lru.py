@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable
 
-from .base import Policy
+from .base import Insertion, Policy
 
 
 class LRU(Policy):
@@ -21,11 +21,11 @@ class LRU(Policy):
         if key in self._order:
             self._order.move_to_end(key)
 
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         return next(iter(self._order))
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
-        self._order[key] = None
+    def _on_insert(self, incoming: Insertion) -> None:
+        self._order[incoming.key] = None
 
     def _on_remove(self, key: Hashable) -> None:
         del self._order[key]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Hashable
 
-from .base import Policy
+from .base import Insertion, Policy
 
 SMALL_SHARE = 0.1
 MAX_FREQ = 3
@@ -36,22 +36,20 @@ class S3FIFO(Policy):
         self._ghost: OrderedDict[Hashable, int] = OrderedDict()
         self._main_bytes = self._ghost_bytes = 0
         self._freq: dict[Hashable, int] = {}
-        self._to_main = False  # the key being inserted was a ghost
 
-    def insert(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
-        """Cache ``key`` in M if it is a ghost, else in S; return the evicted keys."""
+    def _arriving(self, key: Hashable, size: int, prefetched: bool) -> Insertion:
+        """A ghost goes to M (``origin`` True), anything else to S."""
         ghost_size = self._ghost.pop(key, None)
-        self._to_main = ghost_size is not None
-        if self._to_main:
+        if ghost_size is not None:
             self._ghost_bytes -= ghost_size
-        return super().insert(key, size, prefetched=prefetched)
+        return Insertion(key, size, prefetched, origin=ghost_size is not None)
 
     def touch(self, key: Hashable) -> None:
         freq = self._freq.get(key)
         if freq is not None and freq < MAX_FREQ:
             self._freq[key] = freq + 1
 
-    def _victim(self, incoming: Hashable) -> Hashable:
+    def _victim(self, incoming: Insertion) -> Hashable:
         while True:
             if self._small and self._main_bytes <= self._main_target:
                 key = next(iter(self._small))
@@ -69,9 +67,10 @@ class S3FIFO(Policy):
                 self._freq[key] -= 1
                 self._main.move_to_end(key)
 
-    def _on_insert(self, key: Hashable, size: int, prefetched: bool) -> None:
+    def _on_insert(self, incoming: Insertion) -> None:
+        key, size = incoming.key, incoming.size
         self._freq[key] = 0
-        if self._to_main:
+        if incoming.origin:
             self._main[key] = size
             self._main_bytes += size
         else:
