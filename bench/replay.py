@@ -217,7 +217,8 @@ def replay(
     rows = trace_rows if isinstance(trace_rows, Sequence) else list(trace_rows)
     started = time.perf_counter()
     counters = JobCounters()
-    driver = ReadDriver(make_replay_policy(policy_name, capacity, rows, block_size), block_size, counters)
+    policy = make_replay_policy(policy_name, capacity, rows, block_size)
+    driver = ReadDriver(policy, block_size, counters)
     backend = SimulatedBackend(driver, PriorityLink(latency_s, bandwidth_Bps, demand_first=demand_first))
     versions: dict[str, tuple[str, int]] = {}  # path -> (version, object size) last seen
     spans: dict[str, list[float]] = {}  # job -> [first ts, last ts]
@@ -254,7 +255,7 @@ def replay(
         first, last = spans.get(job, (0.0, 0.0))
         jobs[job] = {**replay_metrics(c), "stall_s": stall, "completion_s": last - first + stall}
     return {
-        "policy": policy_name,
+        "policy": policy.label,
         "capacity": capacity,
         **replay_metrics(counters.total),
         "stall_s": sum(j["stall_s"] for j in jobs.values()),

@@ -4,7 +4,7 @@ from .arc import ARC
 from .base import Access, BlockKey, Insertion, Policy
 from .belady import Belady, FutureOracle
 from .fifo import FIFO
-from .igt import IGT
+from .igt import IGT, IGTParams
 from .lfu import LFU
 from .lru import LRU
 from .s3fifo import S3FIFO
@@ -45,6 +45,6 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 __all__ = [
-    "Access", "BlockKey", "Insertion", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT",
+    "Access", "BlockKey", "Insertion", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT", "IGTParams",
     "LIVE_POLICIES", "POLICIES", "make_policy", "register_policy",
 ]

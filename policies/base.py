@@ -82,6 +82,11 @@ class Policy(ABC):
         self.used = 0
         self._sizes: dict[Hashable, int] = {}
 
+    @property
+    def label(self) -> str:
+        """The policy as results name it: its name, with any parameters it was given."""
+        return self.name
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._sizes
 

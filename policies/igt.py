@@ -38,6 +38,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
@@ -54,34 +55,50 @@ from .igt_streams import Clock, History, Stream, silent
 if TYPE_CHECKING:
     from igtcache.residency import AccessBatch, BatchBlocks
 
-#: Shortest aging period (ticks); it also grows with the resident blocks.
-MIN_AGING_PERIOD = 1024
-AGING_PER_BLOCK = 8
-#: Values are refreshed at least every this many reads (more with many streams);
-#: early on after 16, 32, 64 ... reads, so a short run is not valued at zero.
-REBALANCE_EVERY = 64
-FIRST_REBALANCE = 16
-#: History size: at least this many blocks, and this many per block of capacity.
-HISTORY_MIN = 65_536
-HISTORY_PER_BLOCK = 4
-#: A block displaces another only if worth this much more (no churn on noise).
-HYSTERESIS = 0.1
-#: Weight of a sequential stream's reuse: readahead would serve it anyway.
-SEQ_DISCOUNT = 0.25
-#: Share of capacity that protected (prefetched or in-use) blocks may hold.
-PROTECT_SHARE = 0.25
-#: Readahead cap in blocks, and as a share of capacity per reader.
-MAX_DEPTH = 64
-READER_SHARE = 8
-#: A reader idle this many ticks is forgotten and its protected blocks released.
-READER_IDLE = 8192
-#: A protected block is released after this many ticks whatever happens.
-STALE = 65_536
-#: The tree's act level is asked again after this many uses or ticks.
-LEVEL_USES = 16
-LEVEL_TTL = 4096
+@dataclass(frozen=True)
+class IGTParams:
+    """Every figure that shapes IGT's decisions, in one place.
+
+    A policy built with other values shows them in its :attr:`IGT.label`
+    (``igt(hysteresis=0.2)``), so a table of results says what was measured.
+    """
+
+    #: Shortest aging period (ticks); it also grows by this many ticks per resident block.
+    min_aging_period: int = 1024
+    aging_per_block: int = 8
+    #: Values are refreshed at least every this many reads (more with many streams);
+    #: early on after 16, 32, 64 ... reads, so a short run is not valued at zero.
+    rebalance_every: int = 64
+    first_rebalance: int = 16
+    #: History size: at least this many blocks, and this many per block of capacity.
+    history_min: int = 65_536
+    history_per_block: int = 4
+    #: A block displaces another only if worth this much more (no churn on noise).
+    hysteresis: float = 0.1
+    #: Weight of reuse that readahead would serve anyway (sequential streams, a whole object's rest).
+    seq_discount: float = 0.25
+    #: Share of capacity that protected (prefetched or in-use) blocks may hold.
+    protect_share: float = 0.25
+    #: Readahead cap in blocks, and as a share of capacity per reader.
+    max_depth: int = 64
+    reader_share: int = 8
+    #: A reader idle this many ticks is forgotten and its protected blocks released.
+    reader_idle: int = 8192
+    #: A protected block is released after this many ticks whatever happens.
+    stale: int = 65_536
+    #: The tree's act level is asked again after this many uses or ticks.
+    level_uses: int = 16
+    level_ttl: int = 4096
+
+    def changed(self) -> dict[str, object]:
+        """The fields that differ from the defaults, in declaration order."""
+        default = IGTParams()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+
+#: Bounds on what IGT remembers (memory, not tuning): act-level cache entries, scanning jobs.
 MAX_LEVELS = 65_536
-#: Jobs remembered as scanners (reading objects front to back).
 MAX_JOBS = 4096
 
 _PROTECTED, _UNIFORM, _SKEWED, _POOL = range(4)
@@ -133,17 +150,19 @@ def _class_of(label: Pattern) -> int:
 class IGT(Policy):
     """Pattern-aware eviction, admission, allocation and readahead.
 
-    ``readahead=False`` turns prefetching off (residency decisions only).
+    ``readahead=False`` turns prefetching off (residency decisions only);
+    ``params`` tunes it (:class:`IGTParams`).
     """
 
     name = "igt"
 
-    def __init__(self, capacity: int, *, readahead: bool = True) -> None:
+    def __init__(self, capacity: int, *, readahead: bool = True, params: IGTParams = IGTParams()) -> None:
         super().__init__(capacity)
         self.readahead = readahead
-        self._clock = Clock(MIN_AGING_PERIOD)
+        self.params = params
+        self._clock = Clock(self.params.min_aging_period)
         self._tree = None
-        self._history = History(HISTORY_MIN)
+        self._history = History(self.params.history_min)
         self._streams: dict[Hashable, Stream] = {}
         self._readers: OrderedDict[tuple[str, Hashable], Reader] = OrderedDict()  # least recently used first
         # (path, or directory of a one-block object; job; region) -> [stream key, label, uses left, expiry, deep]
@@ -152,7 +171,7 @@ class IGT(Policy):
         self._blocks: dict[Hashable, _Resident] = {}
         self._protected: OrderedDict[Hashable, None] = OrderedDict()
         self._protected_bytes = 0
-        self._protect_budget = int(capacity * PROTECT_SHARE)
+        self._protect_budget = int(capacity * self.params.protect_share)
         self._pinned: dict[Hashable, Reader] = {}  # block a scan is partway through -> the scan
         self._requested: dict[Hashable, _Request] = {}
         self._requested_bytes = 0
@@ -165,10 +184,15 @@ class IGT(Policy):
         self._sheap: list[tuple[float, int, Hashable]] = []  # skewed blocks by log2 value + epoch
         self._skew: dict[Hashable, tuple[float, int]] = {}
         self._seq = itertools.count()
-        self._readahead = Readahead(MAX_DEPTH)
-        self._next_rebalance = FIRST_REBALANCE
+        self._readahead = Readahead(self.params.max_depth)
+        self._next_rebalance = self.params.first_rebalance
         self._orphans = Stream(None, Pattern.UNKNOWN, self._clock)
         self._block_size = 0
+
+    @property
+    def label(self) -> str:
+        changed = self.params.changed()
+        return self.name + (f"({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
     # -- the engine's calls ------------------------------------------------
 
@@ -177,7 +201,7 @@ class IGT(Policy):
 
     def observe(self, access: Access) -> None:
         clock = self._clock
-        clock.advance(max(MIN_AGING_PERIOD, AGING_PER_BLOCK * len(self._blocks)))
+        clock.advance(max(self.params.min_aging_period, self.params.aging_per_block * len(self._blocks)))
         if clock.tick >= self._next_rebalance:
             self._rebalance()
         bs = access.block_size
@@ -240,7 +264,7 @@ class IGT(Policy):
         self._use_block_size(blocks.block_size)
         clock, start = self._clock, 0
         while start < len(batch):
-            clock.advance(max(MIN_AGING_PERIOD, AGING_PER_BLOCK * len(self._blocks)))
+            clock.advance(max(self.params.min_aging_period, self.params.aging_per_block * len(self._blocks)))
             if clock.tick >= self._next_rebalance:
                 self._rebalance()
             stop = start + 1 + clock.advance_in_epoch(len(batch) - start - 1)
@@ -281,7 +305,7 @@ class IGT(Policy):
             low = stream.low
         else:
             low = self._clock.now(seen.count, seen.epoch) / seen.size / max(self._clock.exposure, 1.0)
-        return low > self._high(best) * (1.0 + HYSTERESIS)
+        return low > self._high(best) * (1.0 + self.params.hysteresis)
 
     def _high(self, best: tuple[float, int, object]) -> float:
         """The most the block ``_min_class`` would evict may be worth."""
@@ -296,7 +320,7 @@ class IGT(Policy):
             return []
         bs = access.block_size
         last = -(-access.object_size // bs) - 1
-        cap = max(1, self.capacity // (READER_SHARE * bs))
+        cap = max(1, self.capacity // (self.params.reader_share * bs))
         rate = reader.rate if reader.rate is not None else self._scanning.get(access.job)
         first, depth = self._readahead.window(rate, bs, access.last_block - access.first_block + 1, cap)
         if access.offset == 0 and last - access.last_block <= depth:
@@ -617,7 +641,8 @@ class IGT(Policy):
     def _use_block_size(self, bs: int) -> None:
         if bs != self._block_size:
             self._block_size = bs
-            self._history.max_blocks = max(HISTORY_MIN, HISTORY_PER_BLOCK * self.capacity // bs)
+            params = self.params
+            self._history.max_blocks = max(params.history_min, params.history_per_block * self.capacity // bs)
 
     # -- readers and streams -----------------------------------------------
 
@@ -696,8 +721,8 @@ class IGT(Policy):
                 level = tree.climb(level, job, Pattern.RANDOM)
             if len(self._levels) >= MAX_LEVELS:
                 self._levels.clear()
-            entry = self._levels[where] = [(level.path, level.region), level.label, LEVEL_USES,
-                                           tick + LEVEL_TTL, deep or not multi]
+            entry = self._levels[where] = [(level.path, level.region), level.label, self.params.level_uses,
+                                           tick + self.params.level_ttl, deep or not multi]
         entry[2] -= uses
         return entry[0], entry[1]
 
@@ -817,7 +842,7 @@ class IGT(Policy):
         """
         seen = self._history.get(key)
         count, epoch = (seen.count, seen.epoch) if seen is not None else (0.5, self._clock.epoch)
-        weight = SEQ_DISCOUNT if blk.ahead else 1.0
+        weight = self.params.seq_discount if blk.ahead else 1.0
         prio = -math.inf if blk.stream.idle else math.log2(count * weight / blk.size) + epoch
         entry = self._skew[key] = (prio, next(self._seq))
         heapq.heappush(self._sheap, (*entry, key))
@@ -881,14 +906,14 @@ class IGT(Policy):
         """Refresh stream values and forget idle readers, stale protections and requests."""
         clock = self._clock
         tick = clock.tick
-        self._next_rebalance = tick + min(max(REBALANCE_EVERY, len(self._streams)), tick)
+        self._next_rebalance = tick + min(max(self.params.rebalance_every, len(self._streams)), tick)
         for key, stream in list(self._streams.items()):
-            if not stream.blocks and stream.footprint <= 0 and tick - stream.last_tick > READER_IDLE:
+            if not stream.blocks and stream.footprint <= 0 and tick - stream.last_tick > self.params.reader_idle:
                 stream.dead = True
                 del self._streams[key]
                 continue
             old, was_idle = (stream.value, stream.high), stream.idle
-            stream.estimate(clock, SEQ_DISCOUNT if stream.label is Pattern.SEQUENTIAL else 1.0)
+            stream.estimate(clock, self.params.seq_discount if stream.label is Pattern.SEQUENTIAL else 1.0)
             if (stream.value, stream.high) != old and stream.blocks:
                 self._uniform_push(stream)
             if stream.idle and not was_idle and stream.skewed:
@@ -902,17 +927,16 @@ class IGT(Policy):
         readers = self._readers
         while readers:
             reader = next(iter(readers.values()))
-            if tick - reader.last_tick <= READER_IDLE:
+            if tick - reader.last_tick <= self.params.reader_idle:
                 break
             readers.popitem(last=False)
             if reader.current is not None:
                 self._unpin(reader)
         for key in [k for k in self._protected if self._stale(self._blocks[k], tick)]:
             self._release(key)
-        for key in [k for k, r in self._requested.items() if tick - r.tick > STALE]:
+        for key in [k for k, r in self._requested.items() if tick - r.tick > self.params.stale]:
             self._requested_bytes -= self._requested.pop(key).size
 
-    @staticmethod
-    def _stale(blk: _Resident, tick: int) -> bool:
-        reader = blk.reader
-        return tick - blk.since > STALE or reader is None or tick - reader.last_tick > READER_IDLE
+    def _stale(self, blk: _Resident, tick: int) -> bool:
+        reader, params = blk.reader, self.params
+        return tick - blk.since > params.stale or reader is None or tick - reader.last_tick > params.reader_idle

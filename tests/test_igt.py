@@ -17,7 +17,7 @@ from igtcache.bench.replay import footprint, replay
 from igtcache.bench.trace import TraceRow
 from igtcache.patterns import Pattern
 from igtcache.policies import IGT, POLICIES, ARC, BlockKey, make_policy
-from igtcache.policies.igt import PROTECT_SHARE
+from igtcache.policies.igt import IGTParams
 from igtcache.policies.igt_readahead import Readahead
 from igtcache.residency import Residency, block_length
 from igtcache.stream_tree import Level
@@ -288,7 +288,7 @@ def _check_consistent(policy: IGT) -> None:
     assert sum(len(p) for p in places.values()) == len(policy)
     assert set().union(*places.values()) == set(policy.keys())
     assert policy._protected_bytes == sum(policy._blocks[k].size for k in places["protected"])
-    assert policy._protected_bytes <= PROTECT_SHARE * policy.capacity
+    assert policy._protected_bytes <= policy.params.protect_share * policy.capacity
 
 
 def test_never_exceeds_capacity_under_mixed_churn():
@@ -333,3 +333,20 @@ def test_never_exceeds_capacity_under_mixed_churn():
     )
     _check_consistent(policy)
     assert 0 < policy.used <= capacity
+
+
+class _ShallowIGT(IGT):
+    name = "igt-shallow"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, params=IGTParams(max_depth=2, hysteresis=0.2))
+
+
+def test_parameters_show_in_the_label_and_the_results(monkeypatch):
+    assert IGT(MiB).label == "igt" and IGTParams().changed() == {}
+    monkeypatch.setitem(POLICIES, _ShallowIGT.name, _ShallowIGT)
+    rows = list(gen.Preprocess(jobs=1, files=1, file_size=64 * MiB, read_size=256 * KiB,
+                               throughput=1000**3).rows(random.Random(2)))
+    shallow, default = (replay(rows, name, 256 * MiB, MiB, latency_s=0.02) for name in ("igt-shallow", "igt"))
+    assert shallow["policy"] == "igt-shallow(hysteresis=0.2, max_depth=2)" and default["policy"] == "igt"
+    assert shallow["hit_ratio"] < default["hit_ratio"]  # 2 blocks ahead cannot hide 20 ms at 1 GB/s

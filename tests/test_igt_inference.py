@@ -9,7 +9,7 @@ import pytest
 from igtcache.bench import gen
 from igtcache.bench.replay import footprint, replay
 from igtcache.policies import IGT
-from igtcache.policies.igt import MIN_AGING_PERIOD
+from igtcache.policies import IGTParams
 from igtcache.read_driver import ReadDriver
 
 KiB, MiB = 1024, 1024**2
@@ -73,8 +73,8 @@ def test_a_shifted_hot_set_is_followed_within_one_aging_period():
     capacity = 16 * MiB  # 16 blocks: the aging period is its shortest
     before = embed_hit_ratio(rows, "igt", capacity, shift - 4000, shift)
     assert before > 0.8
-    assert embed_hit_ratio(rows, "igt", capacity, shift + MIN_AGING_PERIOD) >= before - 0.02
-    assert embed_hit_ratio(rows, "lfu", capacity, shift + MIN_AGING_PERIOD) < 0.5 * before
+    assert embed_hit_ratio(rows, "igt", capacity, shift + IGTParams().min_aging_period) >= before - 0.02
+    assert embed_hit_ratio(rows, "lfu", capacity, shift + IGTParams().min_aging_period) < 0.5 * before
 
 
 @pytest.mark.parametrize("zipf, share, over_classical", [
