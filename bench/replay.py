@@ -107,9 +107,6 @@ class SimulatedBackend:
 
     def wait(self, ts: float, job: str, keys: Sequence[BlockKey]) -> None:
         """A read at ``ts`` needs ``keys``, all in flight: it completes when the last arrives."""
-        self.stall_s.setdefault(job, 0.0)
-        if not keys:
-            return
         wait = _Wait(ts, job, len(keys))
         for key in keys:
             self.link.promote(key)
@@ -127,7 +124,7 @@ class SimulatedBackend:
                 wait.last = max(wait.last, arrival)
                 wait.left -= 1
                 if not wait.left:
-                    self.stall_s[wait.job] += wait.last - wait.ts
+                    self.stall_s[wait.job] = self.stall_s.get(wait.job, 0.0) + wait.last - wait.ts
 
 
 class _Wait:
@@ -240,9 +237,15 @@ def replay(
         plan = driver.plan(ts=ts, job=row.job, path=row.path, version=version, offset=row.offset,
                            size=row.size, object_size=row.object_size, hint=row.hint or None)
         backend.start(ts, plan.fetches)
-        backend.wait(ts, row.job, plan.demand)
-        span = spans.setdefault(row.job, [ts, ts])
-        span[1] = ts
+        if plan.waiting or plan.fetches:
+            demand = plan.demand
+            if demand:
+                backend.wait(ts, row.job, demand)
+        span = spans.get(row.job)
+        if span is None:
+            spans[row.job] = [ts, ts]
+        else:
+            span[1] = ts
         driver.finish(plan)
 
     for row in rows:
