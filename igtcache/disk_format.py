@@ -27,7 +27,7 @@ import xxhash
 
 FORMAT_VERSION = 3  # 1: no settings database; 2: one checksum per block
 CHECKSUM = "xxh3-64"
-PIECE_SIZE = 16 << 10
+PIECE_SIZE = 32 << 10
 ENV_NAME = "blocks.lmdb"
 DATABASES = (b"index", b"data", b"meta", b"settings")
 
@@ -82,24 +82,37 @@ def decode_index(value: bytes | memoryview) -> IndexEntry:
     return IndexEntry(size, seq, path, version)
 
 
-def verified(index: bytes | memoryview, data: bytes | memoryview, start: int = 0, end: int | None = None) -> bool:
-    """Whether ``data`` is the block ``index`` describes, checked over ``[start, end)``: the whole
-    block's checksum for a whole read, else the checksum of each piece the range touches."""
+class Check(NamedTuple):
+    """Bytes ``[start, end)`` of a block must hash (xxh3-64) to ``expected``."""
+
+    start: int
+    end: int
+    expected: int
+
+
+def checks(index: bytes | memoryview, size: int, start: int = 0, end: int | None = None) -> list[Check] | None:
+    """The checksums that verify bytes ``[start, end)`` of a block of ``size`` bytes, as
+    ``(from, to, xxh3-64)`` spans of the block: the whole block's for a whole read, else each
+    piece the range touches. ``None`` if ``index`` does not describe a block of ``size`` bytes."""
     try:
-        size, _seq, whole = _INDEX_HEAD.unpack_from(index)
+        stored, _seq, whole = _INDEX_HEAD.unpack_from(index)
     except struct.error:
-        return False
-    if len(data) != size or len(index) < _INDEX_HEAD.size + _PIECE.size * pieces_of(size):
-        return False
+        return None
+    if stored != size or len(index) < _INDEX_HEAD.size + _PIECE.size * pieces_of(size):
+        return None
     end = size if end is None else end
     if start <= 0 and end >= size:
-        return xxhash.xxh3_64_intdigest(data) == whole
-    for piece in range(start // PIECE_SIZE, (max(end, start + 1) - 1) // PIECE_SIZE + 1):
-        at = piece * PIECE_SIZE
-        expected, = _PIECE.unpack_from(index, _INDEX_HEAD.size + _PIECE.size * piece)
-        if xxhash.xxh3_64_intdigest(data[at:at + PIECE_SIZE]) != expected:
-            return False
-    return True
+        return [Check(0, size, whole)]
+    first, last = start // PIECE_SIZE, (max(end, start + 1) - 1) // PIECE_SIZE
+    sums = struct.unpack_from(f"<{last - first + 1}Q", index, _INDEX_HEAD.size + _PIECE.size * first)
+    return [Check(p * PIECE_SIZE, min(size, (p + 1) * PIECE_SIZE), expected)
+            for p, expected in zip(range(first, last + 1), sums)]
+
+
+def verified(index: bytes | memoryview, data: bytes | memoryview, start: int = 0, end: int | None = None) -> bool:
+    """Whether ``data`` is the block ``index`` describes, checked over ``[start, end)`` (:func:`checks`)."""
+    spans = checks(index, len(data), start, end)
+    return spans is not None and all(xxhash.xxh3_64_intdigest(data[a:b]) == expected for a, b, expected in spans)
 
 
 class MetaRecord(NamedTuple):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import itertools
 import logging
 import math
 import os
@@ -47,10 +46,11 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import lmdb
+import xxhash
 
 from igtcache.disk_format import (
-    DATABASES, ENV_NAME, FORMAT_VERSION, MetaRecord, boot_id, decode_meta, map_size_of, object_digest, path_key,
-    verified,
+    DATABASES, ENV_NAME, FORMAT_VERSION, MetaRecord, boot_id, checks, decode_meta, map_size_of, object_digest,
+    path_key,
 )
 from igtcache.hit_report import HitLog
 
@@ -237,7 +237,9 @@ class DiskTierReader:
         if offset >= end:
             return (0 if out is not None else b""), meta, 0
         bs = self.block_size
-        parts, whole = [], []  # whole blocks are verified on the copy returned: one pass over the map, not two
+        parts = []
+        on_copy = []  # checks of spans wholly returned: made on the copy, one pass over the map, not two
+        copied = 0
         for index in range(offset // bs, (end - 1) // bs + 1):
             raw_key = digest + index.to_bytes(8, "big")
             entry, data = snapshot.blocks.get(raw_key) or (None, None)
@@ -249,15 +251,18 @@ class DiskTierReader:
                 snapshot.blocks[raw_key] = (entry, data)
             start = index * bs
             lo, hi = max(offset - start, 0), min(end - start, bs)
-            if len(data) != min(bs, meta.size - start):
+            spans = checks(entry, len(data), lo, hi) if len(data) == min(bs, meta.size - start) else None
+            if spans is None:
                 self.damaged += 1
                 return None
-            if lo == 0 and hi == len(data):
-                whole.append((len(parts), entry))
-            elif not verified(entry, data, lo, hi):
-                self.damaged += 1
-                return None
+            for a, b, expected in spans:
+                if lo <= a and b <= hi:
+                    on_copy.append((copied + a - lo, copied + b - lo, expected))
+                elif xxhash.xxh3_64_intdigest(data[a:b]) != expected:
+                    self.damaged += 1
+                    return None
             parts.append(data[lo:hi])
+            copied += hi - lo
         if out is None:
             result = b"".join(parts)
             copy = memoryview(result)
@@ -268,12 +273,10 @@ class DiskTierReader:
             for part in parts:
                 copy[at:at + len(part)] = part
                 at += len(part)
-        if whole:
-            starts = list(itertools.accumulate((len(p) for p in parts), initial=0))
-            for i, entry in whole:
-                if not verified(entry, copy[starts[i]:starts[i + 1]]):
-                    self.damaged += 1
-                    return None  # a copy into ``out`` is left there: the caller reads again over the socket
+        for a, b, expected in on_copy:
+            if xxhash.xxh3_64_intdigest(copy[a:b]) != expected:
+                self.damaged += 1
+                return None  # a copy into ``out`` is left there: the caller reads again over the socket
         return result, meta, end - offset
 
     def _fresh_meta(self, txn: lmdb.Transaction, path: str, now: float) -> MetaRecord | None:

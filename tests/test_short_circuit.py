@@ -131,7 +131,7 @@ def test_metadata_past_its_ttl_is_checked_by_the_daemon(tmp_path):
 
 def test_a_damaged_piece_is_never_returned(served):
     daemon, _remote, objects = served
-    data = objects["obj1.bin"]  # blocks of 64 KiB, four 16 KiB pieces each
+    data = objects["obj1.bin"]  # blocks of 64 KiB, two pieces each
     with DaemonClient(daemon.socket_path) as client:
         assert _cached(client, "obj1.bin") == data
         data_file = Path(daemon.socket_path).parent / "cache" / "data" / "blocks.lmdb" / "data.mdb"
