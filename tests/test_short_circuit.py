@@ -193,7 +193,12 @@ def test_readers_racing_eviction_and_overwrites_see_one_whole_version(tmp_path):
             name = rng.choice(sorted(sizes))
             offset = rng.randrange(sizes[name])
             size = rng.choice([100, 4 * KiB, BLOCK, 2 * BLOCK + 5])
-            got = client.read(name, offset, size)
+            try:
+                got = client.read(name, offset, size)
+            except OSError as exc:  # rewritten again while the daemon refetched it: said so, no bytes
+                if "keeps changing while being read" not in str(exc):
+                    failures.append(f"{name}[{offset}:+{size}]: {exc!r}")
+                continue
             counts[0] += 1
             if not any(got == v[offset:offset + size] for v in history[name]):
                 failures.append(f"{name}[{offset}:+{size}] matches no version")
