@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import grp
 import os
-import pwd
 import stat
 
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
+from igtcache.peercred import user_name
 
 
 def _group(gid: int) -> str:
@@ -39,7 +33,7 @@ def socket_advice(path: str, option: str = "--socket") -> str | None:
     if not stat.S_ISSOCK(info.st_mode):
         return f"{path} is not a socket; give {option} the path the daemon listens on (its log names it)"
     if not os.access(path, os.W_OK):
-        owner, group = _user(info.st_uid), _group(info.st_gid)
+        owner, group = user_name(info.st_uid), _group(info.st_gid)
         return (f"you may not connect to {path} (owner {owner}, group {group}, mode "
                 f"{stat.S_IMODE(info.st_mode):04o}): run as {owner}, or have the daemon started with "
                 "--socket-group GROUP for a group you are in (then log in again if you were just added)")

@@ -7,6 +7,7 @@ trusts before it sends a byte.
 
 from __future__ import annotations
 
+import pwd
 import socket
 import struct
 from dataclasses import dataclass
@@ -32,3 +33,11 @@ def peer_credentials(conn: socket.socket) -> PeerCredentials | None:
         return PeerCredentials(*_UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, option, _UCRED.size)))
     except OSError:
         return None
+
+
+def user_name(uid: int) -> str:
+    """The name of user ``uid``, or ``uid N`` where it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import resource
 import socket
 import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from igtcache.peercred import user_name
 from igtcache.sizes import format_size
 
 log = logging.getLogger("igtcache.daemon")
@@ -30,13 +30,6 @@ DEFAULT_MAX_CONNECTIONS = 1024
 
 class StartError(RuntimeError):
     """The daemon cannot start; the message says why and what to do."""
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def check_socket_dir(directory: Path) -> None:
@@ -56,14 +49,14 @@ def check_socket_dir(directory: Path) -> None:
         info = place.stat()
         what = f"socket directory {place}" if place == resolved else f"{place} (above socket directory {resolved})"
         if info.st_uid not in (me, 0):
-            raise StartError(f"{what} belongs to {_user(info.st_uid)}, who could replace the socket; "
-                             f"choose a --socket in a directory owned by {_user(me)} or root")
+            raise StartError(f"{what} belongs to {user_name(info.st_uid)}, who could replace the socket; "
+                             f"choose a --socket in a directory owned by {user_name(me)} or root")
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
             raise StartError(
                 f"{what} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}): any of them could "
-                f"replace the socket and answer your clients. Use a directory only {_user(me)} can write "
+                f"replace the socket and answer your clients. Use a directory only {user_name(me)} can write "
                 f"(chmod go-w {place}, or a --socket under $XDG_RUNTIME_DIR), or a sticky one owned by "
-                f"{_user(me)} or root, such as /tmp")
+                f"{user_name(me)} or root, such as /tmp")
 
 
 def open_lock_file(path: Path) -> BinaryIO:
@@ -85,7 +78,7 @@ def open_lock_file(path: Path) -> BinaryIO:
     if not stat.S_ISREG(info.st_mode):
         problem = "is not a regular file"
     elif info.st_uid != os.geteuid():
-        problem = f"belongs to {_user(info.st_uid)}, not {_user(os.geteuid())}"
+        problem = f"belongs to {user_name(info.st_uid)}, not {user_name(os.geteuid())}"
     elif info.st_nlink != 1:
         problem = f"has {info.st_nlink} names (hard links)"
     if problem:
