@@ -8,6 +8,7 @@ replay drive the very same objects through this interface.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Hashable, NamedTuple
@@ -118,6 +119,13 @@ class Policy(ABC):
         if key in self._sizes:
             self.remove(key)
         return self._insert(self._arriving(key, size, prefetched))
+
+    def to_evict(self, key: Hashable, size: int, *, prefetched: bool = False) -> list[Hashable]:
+        """The keys :meth:`insert` would evict to make room for ``key`` now, changing nothing
+        (as libCacheSim separates ``to_evict`` from ``evict``). Exact for every policy: it runs
+        the insertion on a copy, so it costs a copy of the policy's state; for inspection and
+        tests, not the hit path."""
+        return copy.deepcopy(self).insert(key, size, prefetched=prefetched)
 
     def _insert(self, incoming: Insertion) -> list[Hashable]:
         """Evict until ``incoming`` fits, then make it resident; return the evicted keys."""

@@ -183,3 +183,28 @@ def test_register_policy_refuses_to_replace_another_unless_asked(monkeypatch):
         policies.register_policy(Other)
     policies.register_policy(Other, clobber=True)
     assert policies.make_policy("MINE", 10).__class__ is Other
+
+
+@pytest.mark.parametrize("name", BASELINES + ["igt"])
+def test_to_evict_names_what_insert_would_evict_and_changes_nothing(name):
+    """The pure inspection and the eviction agree, and the inspection leaves no trace: the run goes
+    on exactly as one that never asked."""
+    rng = random.Random(11)
+    reads = [(f"o{min(int(rng.paretovariate(1.1)), 300)}", rng.choice([BLOCK // 4, BLOCK // 2, BLOCK]))
+             for _ in range(1500)]
+    sizes = dict(reversed(reads))  # one size per object, its first
+    reads = [(path, sizes[path]) for path, _ in reads]
+    asked, policy = run(name, 6 * BLOCK, reads)
+    silent, twin = run(name, 6 * BLOCK, reads)
+    evicting = 0
+    for i in range(40):
+        key = BlockKey(f"new{i}", "v", 0)
+        size = rng.choice([BLOCK // 4, BLOCK])
+        before = (list(policy.keys()), policy.used)
+        predicted = policy.to_evict(key, size)
+        assert (list(policy.keys()), policy.used) == before  # nothing changed
+        assert predicted == policy.insert(key, size)
+        twin.insert(key, size)
+        assert list(policy.keys()) == list(twin.keys())  # as if never asked
+        evicting += bool(predicted)
+    assert asked == silent and evicting >= 20  # the cache was full: most insertions had to make room
