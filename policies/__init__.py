@@ -7,6 +7,7 @@ from .fifo import FIFO
 from .igt import IGT, IGTParams
 from .lfu import LFU
 from .lru import LRU
+from .readahead import ScanReadahead, with_readahead
 from .s3fifo import S3FIFO
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -29,6 +30,8 @@ def register_policy(cls: type[Policy], *, clobber: bool = False) -> type[Policy]
 
 for _cls in (LRU, FIFO, LFU, ARC, S3FIFO, Belady, IGT):
     register_policy(_cls)
+for _cls in (LRU, FIFO, LFU, ARC, S3FIFO):  # the classical policies, paired with scan readahead
+    register_policy(with_readahead(_cls))
 
 
 #: Policies a live cache can run (Belady needs the future, so only the replay has it).
@@ -46,5 +49,5 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 __all__ = [
     "Access", "BlockKey", "Insertion", "Policy", "LRU", "FIFO", "LFU", "ARC", "S3FIFO", "Belady", "FutureOracle", "IGT", "IGTParams",
-    "LIVE_POLICIES", "POLICIES", "make_policy", "register_policy",
+    "LIVE_POLICIES", "POLICIES", "ScanReadahead", "make_policy", "register_policy", "with_readahead",
 ]

@@ -208,3 +208,32 @@ def test_to_evict_names_what_insert_would_evict_and_changes_nothing(name):
         assert list(policy.keys()) == list(twin.keys())  # as if never asked
         evicting += bool(predicted)
     assert asked == silent and evicting >= 20  # the cache was full: most insertions had to make room
+
+
+def test_scan_readahead_pairs_with_any_eviction_policy():
+    """``lru+readahead``: LRU's eviction, blocks read ahead of a scanning reader and not of a
+    reader that jumps; the pairing changes no eviction."""
+    from igtcache.policies import Access
+
+    def access(offset: int, ts: float, job: str = "scan") -> Access:
+        first = offset // BLOCK
+        return Access(ts=ts, job=job, path="big", version="v", offset=offset, size=BLOCK, object_size=64 * BLOCK,
+                      block_size=BLOCK, first_block=first, last_block=first, hit=False)
+
+    paired, plain = make_policy("lru+readahead", 32 * BLOCK), make_policy("lru", 32 * BLOCK)
+    assert paired.name == "lru+readahead" and isinstance(paired, LRU)
+    ahead = []
+    for i in range(4):  # 2 MB/s: blocks a default 50 ms fetch brings in time
+        paired.observe(access(i * BLOCK, i * 0.5))
+        ahead.append(paired.prefetch(access(i * BLOCK, i * 0.5)))
+    assert ahead[0] == [] and ahead[1] and all(index > 1 for index in ahead[1])  # read ahead from the second read
+    assert not set(ahead[2]) & set(ahead[1])  # never asked twice
+    paired.observe(access(40 * BLOCK, 1.0, job="jumper"))
+    assert paired.prefetch(access(40 * BLOCK, 1.0, job="jumper")) == []
+    for n in range(40):
+        key = BlockKey("o", "v", n)
+        assert paired.insert(key, BLOCK) == plain.insert(key, BLOCK)
+        if n % 3 == 0:
+            paired.touch(BlockKey("o", "v", n // 2))
+            plain.touch(BlockKey("o", "v", n // 2))
+    assert paired.keys() == plain.keys()
