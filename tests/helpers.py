@@ -3,6 +3,7 @@ filesystem), and running work on several threads at once."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import uuid
 from typing import Callable
@@ -103,3 +104,21 @@ def need_redis() -> None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is missing on CI (make setup installs it)")
         pytest.skip("redis-server is not installed (apt-get install redis-server; `make setup` does it as root)")
+
+
+def unix_connection(path: str) -> socket.socket:
+    """A connection to the daemon's socket at ``path``, each wait bounded by 30 s."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(30)
+    conn.connect(path)
+    return conn
+
+
+def binary_connection(path: str) -> socket.socket:
+    """A connection to the daemon at ``path`` that has done the binary protocol's handshake."""
+    from igtcache.daemon.protocol import MAGIC
+
+    conn = unix_connection(path)
+    conn.sendall(MAGIC)
+    assert conn.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
+    return conn

@@ -28,7 +28,7 @@ from igtcache.local_s3 import free_port
 from igtcache.stats_cmd import render as render_stats
 
 from .conftest import BUCKET
-from .helpers import in_threads
+from .helpers import binary_connection, in_threads
 
 KiB = 1 << 10
 BLOCK = 256 * KiB
@@ -178,15 +178,6 @@ def test_http_api_serves_binary_reads_and_json(served):
 
 # ---------------------------------------------------------------------- bad input
 
-def _binary(sock_path: str) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(30)
-    conn.connect(sock_path)
-    conn.sendall(P.MAGIC)
-    assert conn.recv(len(P.MAGIC), socket.MSG_WAITALL) == P.MAGIC
-    return conn
-
-
 def _answer(conn: socket.socket) -> tuple[int, bytes]:
     status, length = P.RESPONSE.unpack(conn.recv(P.RESPONSE.size, socket.MSG_WAITALL))
     return status, conn.recv(length, socket.MSG_WAITALL) if length else b""
@@ -200,7 +191,7 @@ def _error(conn: socket.socket, frame: bytes) -> dict:
 
 
 def test_malformed_binary_requests_get_clear_errors_and_the_daemon_lives_on(served):
-    conn = _binary(served.socket_path)
+    conn = binary_connection(served.socket_path)
     cases = [
         (P.encode_read("a", "../../etc/passwd", 0, 10, "j", None), "ValueError", "escapes the remote root"),
         (P.encode_read("a", "x/../../../etc/passwd", 0, 10, "j", None), "ValueError", "escapes the remote root"),
@@ -231,7 +222,7 @@ def test_malformed_binary_requests_get_clear_errors_and_the_daemon_lives_on(serv
     # Frames that cannot be sized: an error, then the daemon hangs up.
     for frame, message in [(P.REQUEST.pack(99, 0), "unknown operation 99"),
                            (P.REQUEST.pack(P.OP_INFO, 1 << 30), "over the limit")]:
-        conn = _binary(served.socket_path)
+        conn = binary_connection(served.socket_path)
         assert message in _error(conn, frame)["message"]
         assert conn.recv(1) == b""
     with DaemonClient(served.socket_path, "a") as client:

@@ -25,6 +25,7 @@ from igtcache.daemon_client import DaemonClient
 from igtcache.errors import INTERNAL, ROWS
 
 from .conftest import BUCKET
+from .helpers import binary_connection, unix_connection
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 64 * KiB
@@ -227,20 +228,6 @@ _good_reads = st.tuples(st.sampled_from(REMOTES), _names, st.integers(0, 2 * BLO
 
 # ---------------------------------------------------------------------- binary protocol
 
-def _connect(daemon) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(30)
-    conn.connect(daemon.socket_path)
-    return conn
-
-
-def _binary(daemon) -> socket.socket:
-    conn = _connect(daemon)
-    conn.sendall(P.MAGIC)
-    assert _recv_exact(conn, len(P.MAGIC)) == P.MAGIC
-    return conn
-
-
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
     """``n`` bytes, or fewer if the daemon closes the connection first."""
     data = b""
@@ -294,7 +281,7 @@ def _check_answer(frame: bytes, expected: bytes | str | None, answer: tuple[int,
 @FUZZ
 @given(frames=st.lists(_frames, min_size=1, max_size=6), good=_good_reads)
 def _fuzz_binary(daemon, frames, good) -> None:
-    with _binary(daemon) as conn:
+    with binary_connection(daemon.socket_path) as conn:
         for kind, frame, expected in frames:
             conn.sendall(frame)
             if kind == "truncated":
@@ -358,7 +345,7 @@ def _http_requests(draw):
 
 
 def _http_exchange(daemon, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    with _connect(daemon) as conn:
+    with unix_connection(daemon.socket_path) as conn:
         conn.sendall(request)
         data = b""
         while chunk := conn.recv(1 << 16):
@@ -413,13 +400,13 @@ def test_connections_that_never_finish_a_frame_are_closed_and_do_not_block_other
     }
     conns = {}
     for name, sent in half_open.items():
-        conn = _connect(daemon)
+        conn = unix_connection(daemon.socket_path)
         conn.sendall(sent)
         conns[name] = conn
     started = time.monotonic()
     for name in sorted(OBJECTS):  # served meanwhile, over both protocols
         _well_behaved_read(daemon, "f", name, 0, 1000)
-    with _connect(daemon) as http:
+    with unix_connection(daemon.socket_path) as http:
         http.sendall(b"GET /v1/remotes/s3/read?path=small.bin&size=100 HTTP/1.1\r\n"
                      b"Host: x\r\nConnection: close\r\n\r\n")
         reply = b""
@@ -472,9 +459,9 @@ def test_clients_that_never_read_their_answers_are_cut(daemon):
     threads_before = _proc_status(daemon.pid, "Threads")
     name = "dir/nested.bin"
     asked = 4 * len(OBJECTS[name])  # several times what a socket buffers
-    binary = _binary(daemon)
+    binary = binary_connection(daemon.socket_path)
     binary.sendall(P.encode_read("f", name, 0, -1, "never-reads", None) * 4)
-    http = _connect(daemon)
+    http = unix_connection(daemon.socket_path)
     http.sendall(f"GET /v1/remotes/f/read?path={name} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 4)
     started = time.monotonic()
     _well_behaved_read(daemon, "s3", name, 5, 2 * BLOCK)  # served meanwhile

@@ -32,6 +32,8 @@ from igtcache.daemon_client import (
 from igtcache.errors import BadRequest
 from igtcache.local_s3 import free_port
 
+from .helpers import binary_connection
+
 KiB, MiB = 1 << 10, 1 << 20
 MEMORY_ONLY = ["--remote", "m=memory://igt-hardening", "--disk", "0", "--memory", "8MiB"]
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -76,15 +78,6 @@ def _within(seconds: float, call: Callable[[], object]) -> object:
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * KiB for line in f if line.startswith("VmRSS:"))
-
-
-def _handshake(path: str) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(30)
-    conn.connect(path)
-    conn.sendall(P.MAGIC)
-    assert conn.recv(len(P.MAGIC), socket.MSG_WAITALL) == P.MAGIC
-    return conn
 
 
 def _http_status(path: str, request: bytes) -> tuple[int, bytes]:
@@ -277,7 +270,7 @@ def test_idle_connections_past_the_cap_are_turned_away_and_leave_the_daemon_its_
         reader = DaemonClient(daemon.socket_path, "f")  # its one connection, made before the flood
         cap = reader.daemon_stats()["daemon"]["max_connections"]
         assert cap == 256 - 64  # what the limit leaves after the caches' share
-        idle = [_handshake(daemon.socket_path) for _ in range(cap - 1)]
+        idle = [binary_connection(daemon.socket_path) for _ in range(cap - 1)]
         assert reader.daemon_stats()["daemon"]["connections"] == cap
         with pytest.raises(DaemonUnavailable, match=rf"already serves {cap} connections \(its --max-connections\)"):
             _within(30, lambda: DaemonClient(daemon.socket_path, timeout=20))
@@ -370,7 +363,7 @@ def big_objects_daemon(tmp_path):
 
 
 def _stall_binary(path: str, i: int) -> socket.socket:
-    conn = _handshake(path)
+    conn = binary_connection(path)
     conn.sendall(P.encode_read("f", f"big{i}.bin", 0, BIG, "stalled", None))
     return conn
 
