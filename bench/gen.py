@@ -162,6 +162,13 @@ def _zipf_cum_weights(n: int, exponent: float) -> list[float]:
     return list(itertools.accumulate((r + 1) ** -exponent for r in range(n)))
 
 
+def _zipf_picks(rng: random.Random, n: int, exponent: float, k: int) -> list[int]:
+    """``k`` choices among ``range(n)`` by Zipf popularity, the popularity ranks shuffled over the ids."""
+    weights = _zipf_cum_weights(n, exponent)
+    ids = rng.sample(range(n), n)  # popularity rank -> id
+    return [ids[rank] for rank in rng.choices(range(n), cum_weights=weights, k=k)]
+
+
 @dataclass
 class Scenario:
     """A workload: options as dataclass fields, rows from :meth:`rows`."""
@@ -465,14 +472,12 @@ class ClusterAdapters(Scenario):
     throughput: int = _size(1 * GB, "bytes per second per server")
 
     def rows(self, rng: random.Random) -> Iterator[TraceRow]:
-        weights = _zipf_cum_weights(self.adapters, self.zipf)
-        ids = rng.sample(range(self.adapters), self.adapters)  # popularity rank -> adapter
         servers = self.nodes * self.jobs
         plans: list[list[tuple[float, int]]] = [[] for _ in range(servers)]
         t = 0.0
-        for rank in rng.choices(range(self.adapters), cum_weights=weights, k=self.loads):
+        for adapter in _zipf_picks(rng, self.adapters, self.zipf, self.loads):
             t += rng.expovariate(self.rate) if self.rate else 0.0
-            plans[rng.randrange(servers)].append((t, ids[rank]))
+            plans[rng.randrange(servers)].append((t, adapter))
 
         def server(s: int) -> Iterator[TraceRow]:
             clock = _Clock(0.0, self.throughput)
@@ -505,11 +510,9 @@ class Inference(Scenario):
     shift_at: float = _fraction(0.5, "fraction of the lookups made before the hot set moves")
 
     def rows(self, rng: random.Random) -> Iterator[TraceRow]:
-        weights = _zipf_cum_weights(self.adapters, self.zipf)
-        ids = rng.sample(range(self.adapters), self.adapters)  # popularity rank -> adapter
         plans: list[list[int]] = [[] for _ in range(self.jobs)]
-        for rank in rng.choices(range(self.adapters), cum_weights=weights, k=self.loads):
-            plans[rng.randrange(self.jobs)].append(ids[rank])
+        for adapter in _zipf_picks(rng, self.adapters, self.zipf, self.loads):
+            plans[rng.randrange(self.jobs)].append(adapter)
         starts = self._starts(rng)
 
         def server(j: int) -> list[TraceRow]:
