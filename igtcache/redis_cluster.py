@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote
 
 from igtcache.sizes import format_size, size_argument
@@ -303,14 +304,20 @@ class RedisClusterProcess:
         return [port for port in self.ports if self._procs[port].poll() is None]
 
     def _wait_ok(self, deadline: float) -> None:
-        waiting = self._running()
+        self._poll(self._running(), self._serves_all_slots, deadline, lambda waiting: (
+            f"the cluster did not reach cluster_state:ok with all {SLOTS} slots served in time "
+            f"(nodes {waiting} not ok; logs in {self.directory})"))
+
+    @staticmethod
+    def _poll(ports: list[int], ready: Callable[[int], bool], deadline: float,
+              failure: Callable[[str], str]) -> None:
+        """Ask ``ready`` of each port not yet ready every 0.1 s until all are; past ``deadline``,
+        ``RedisClusterError`` with ``failure`` of the ports still waiting."""
+        waiting = list(ports)
         while waiting:
-            waiting = [port for port in waiting if not self._serves_all_slots(port)]
+            waiting = [port for port in waiting if not ready(port)]
             if waiting and time.monotonic() > deadline:
-                raise RedisClusterError(
-                    f"the cluster did not reach cluster_state:ok with all {SLOTS} slots served in time "
-                    f"(nodes {', '.join(map(str, waiting))} not ok; logs in {self.directory})"
-                )
+                raise RedisClusterError(failure(", ".join(map(str, waiting))))
             if waiting:
                 time.sleep(0.1)
 
@@ -339,17 +346,13 @@ class RedisClusterProcess:
         self.master_ports = [port for port in self.ports if port not in self.master_of]
 
     def _wait_replicas_linked(self, deadline: float) -> None:
-        waiting = self.replica_ports
-        while waiting:
-            waiting = [port for port in waiting if _info_field(
-                redis_cli(port, "info", "replication", tls=self.tls).stdout, "master_link_status") != "up"]
-            if waiting and time.monotonic() > deadline:
-                raise RedisClusterError(
-                    f"replicas {', '.join(map(str, waiting))} did not link to their masters within "
-                    f"{self.timeout:g} s (logs in {self.directory})"
-                )
-            if waiting:
-                time.sleep(0.1)
+        def linked(port: int) -> bool:
+            info = redis_cli(port, "info", "replication", tls=self.tls).stdout
+            return _info_field(info, "master_link_status") == "up"
+
+        self._poll(self.replica_ports, linked, deadline, lambda waiting: (
+            f"replicas {waiting} did not link to their masters within {self.timeout:g} s "
+            f"(logs in {self.directory})"))
 
     def wait_replicated(self, timeout: float = 10.0) -> None:
         """Wait until each replica (as created) has applied everything its master had written so
