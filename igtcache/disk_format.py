@@ -37,6 +37,17 @@ _META_HEAD = struct.Struct("<Qd16sH")  # size, fresh until, boot id, length of t
 _NO_BOOT = bytes(16)
 
 
+def settings(block_size: int, remote_id: str) -> dict[str, str]:
+    """What a tier's bytes mean, as its ``settings`` database records it: a tier recording
+    anything else holds bytes that would be wrong here."""
+    return {"format": str(FORMAT_VERSION), "block_size": str(block_size), "checksum": CHECKSUM, "remote": remote_id}
+
+
+def stored_settings(txn, db) -> dict[str, str]:
+    """The settings recorded in ``db`` (read in ``txn``); ``{}`` where none are."""
+    return {bytes(k).decode(): bytes(v).decode("utf-8", "surrogatepass") for k, v in txn.cursor(db=db)}
+
+
 def object_digest(path: str, version: str) -> bytes:
     """The first 16 bytes of every block key of one object version."""
     return hashlib.blake2b(f"{path}\x00{version}".encode("utf-8", "surrogatepass"), digest_size=16).digest()

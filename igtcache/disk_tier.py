@@ -42,8 +42,8 @@ import lmdb
 
 from igtcache.block_store import TierFull
 from igtcache.disk_format import (
-    CHECKSUM, DATABASES, ENV_NAME, FORMAT_VERSION, block_key, decode_index, decode_meta, encode_index, encode_meta,
-    path_key, verified,
+    DATABASES, ENV_NAME, block_key, decode_index, decode_meta, encode_index, encode_meta, path_key, settings,
+    stored_settings, verified,
 )
 from igtcache.policies import BlockKey
 from igtcache.remote import ObjectInfo
@@ -124,8 +124,7 @@ class DiskTier:
     def __init__(self, directory: str | os.PathLike, capacity: int, *, block_size: int, remote_id: str) -> None:
         self.directory = Path(directory)
         self.capacity = capacity
-        self.settings = {"format": str(FORMAT_VERSION), "block_size": str(block_size),
-                         "checksum": CHECKSUM, "remote": remote_id}
+        self.settings = settings(block_size, remote_id)
         self.bytes = 0
         self.recovered_from_corruption = False
         self.moved_aside: Path | None = None  # where an unusable environment went
@@ -177,8 +176,7 @@ class DiskTier:
         """The environment's settings; ``{}`` for one with blocks but no settings
         (an older format); ``None`` for a fresh, empty one."""
         with env.begin() as txn:
-            found = {bytes(k).decode(): bytes(v).decode("utf-8", "surrogatepass")
-                     for k, v in txn.cursor(db=self._settings_db)}
+            found = stored_settings(txn, self._settings_db)
             if found:
                 return found
             empty = all(txn.stat(db)["entries"] == 0 for db in (self._index_db, self._data_db, self._meta_db))

@@ -45,6 +45,8 @@ class Quotas:
 
     def of(self, path: str) -> str | None:
         """The prefix whose quota ``path`` counts against, if any."""
+        if not self.limits:
+            return None  # the engine's every store and eviction asks: no lookup without quotas
         found = self._of_path.get(path, "")
         if found != "":
             return found

@@ -49,8 +49,8 @@ import lmdb
 import xxhash
 
 from igtcache.disk_format import (
-    DATABASES, ENV_NAME, FORMAT_VERSION, MetaRecord, boot_id, checks, decode_meta, map_size_of, object_digest,
-    path_key,
+    DATABASES, ENV_NAME, MetaRecord, boot_id, checks, decode_meta, map_size_of, object_digest, path_key, settings,
+    stored_settings,
 )
 from igtcache.hit_report import HitLog
 
@@ -163,14 +163,14 @@ class DiskTierReader:
                 raise
             raise ShortCircuitUnavailable(f"cannot open the disk tier at {target}: {exc}") from None
         try:
-            settings = self._settings(env)
+            found = self._settings(env)
         except lmdb.Error as exc:
             env.close()
             raise ShortCircuitUnavailable(f"cannot read the disk tier's settings at {target}: {exc}") from None
-        expected = {"format": str(FORMAT_VERSION), "block_size": str(self.block_size), "remote": self.remote_id}
-        if any(settings.get(k) != v for k, v in expected.items()):
+        expected = settings(self.block_size, self.remote_id)
+        if found != expected:
             env.close()
-            raise ShortCircuitUnavailable(f"the disk tier at {target} records {settings}, not {expected}")
+            raise ShortCircuitUnavailable(f"the disk tier at {target} records {found}, not {expected}")
         info = data_file.stat()
         return env, (info.st_dev, info.st_ino)
 
@@ -178,8 +178,7 @@ class DiskTierReader:
         self._index_db, self._data_db, self._meta_db, settings_db = (
             env.open_db(name, create=False) for name in DATABASES)
         with env.begin() as txn:
-            return {bytes(k).decode(): bytes(v).decode("utf-8", "surrogatepass")
-                    for k, v in txn.cursor(db=settings_db)}
+            return stored_settings(txn, settings_db)
 
     # ------------------------------------------------------------------ reading
 
