@@ -128,7 +128,6 @@ class DiskTierReader:
 
     def _fork_state(self) -> None:
         """Everything that belongs to one process, made anew in a forked child (but the environment)."""
-        self._pid = os.getpid()
         self._forks = _forks[0]
         self._boot = boot_id()
         self.served = 0  # reads served in this process
@@ -336,10 +335,10 @@ class DiskTierReader:
     @staticmethod
     def _tend(ref: "weakref.ReferenceType[DiskTierReader]") -> None:
         """Report hits, release idle snapshots, notice a replaced environment, until the reader goes."""
-        pid = os.getpid()
+        forks = _forks[0]
         while True:
             reader = ref()
-            if reader is None or reader._pid != pid:
+            if reader is None or reader._forks != forks:
                 return
             wake = reader._wake
             try:
@@ -443,5 +442,5 @@ def attach(directory: str | os.PathLike, **kwargs) -> DiskTierReader:
 @atexit.register
 def _report_at_exit() -> None:
     for reader in list(_readers.values()):
-        if reader._pid == os.getpid():
+        if reader._forks == _forks[0]:
             reader.flush()
