@@ -321,11 +321,8 @@ class DaemonClient:
 
     def info(self, path: str) -> dict[str, Any]:
         """Size and version of an object: ``{"name", "size", "type", "version"}``."""
-        if self._disk is not None:
-            try:
-                meta = self._disk.info(normalize_path(path))
-            except ValueError:
-                meta = None  # the daemon says what is wrong with the path
+        if self._disk is not None and (rel := self._relative(path)) is not None:
+            meta = self._disk.info(rel)
             if meta is not None:
                 return {"name": meta.path, "size": meta.size, "type": "file", "version": meta.version}
         return self._call(OP_INFO, {"remote": self._remote(), "path": path})
@@ -411,17 +408,25 @@ class DaemonClient:
     def _send_report(self, payload: bytes) -> None:
         self._exchange(encode_request(OP_REPORT, payload), into=None)
 
-    def _from_disk(self, path: str, offset: int, size: int, job: str | None, out: memoryview | None):
-        """A read served from the disk tier in this process, or ``None`` for the daemon to serve."""
+    def _relative(self, path: str) -> str | None:
+        """``path`` as the remote names it, remembered; ``None`` for a path the daemon will refuse
+        (it says what is wrong with it)."""
         rel = self._normalized.get(path)
         if rel is None:
             try:
                 rel = normalize_path(path)
             except ValueError:
-                return None  # the daemon says what is wrong with the path
+                return None
             if len(self._normalized) >= NORMALIZED_PATHS:
                 self._normalized.clear()
             self._normalized[path] = rel
+        return rel
+
+    def _from_disk(self, path: str, offset: int, size: int, job: str | None, out: memoryview | None):
+        """A read served from the disk tier in this process, or ``None`` for the daemon to serve."""
+        rel = self._relative(path)
+        if rel is None:
+            return None
         if job:
             job = str(job)
         elif self._default_job[0] == os.getpid():
