@@ -74,18 +74,10 @@ class Service:
         connected process's, ``peer_job``), as pieces to send in order (views of the cached blocks:
         ``Cache.read_pieces``). Waits for room in the response budget first (``TimeoutError``)."""
         cache = self._cache(remote)
-        path = _path(path)
-        offset = _int(offset, "offset", 0, (1 << 63) - 1)
-        size = self._size(cache, path, offset, _int(size, "size", -1, (1 << 63) - 1), "read")
+        path, offset, size = self._range(cache, path, offset, size)
         job = _text(job, "job", MAX_JOB) or peer_job
         hint = _text(hint, "hint", MAX_HINT) or None
-        grant = self.budget.acquire(size)
-        try:
-            pieces = cache.read_pieces(path, offset, size, job=job, hint=hint)
-        except BaseException:
-            grant.release()
-            raise
-        return Reply(pieces, grant)
+        return self._reply(size, lambda: cache.read_pieces(path, offset, size, job=job, hint=hint))
 
     def read_many(self, args: dict[str, Any], *, peer_job: str) -> Reply:
         """The bytes of several ranges (``args["reads"]``: ``[path, offset, size]`` each) in one
@@ -96,22 +88,17 @@ class Service:
         if not isinstance(reads, list) or not all(isinstance(r, list) and len(r) == 3 for r in reads):
             raise BadRequest("reads must be a list of [path, offset, size]")
         job = _text(args.get("job"), "job", MAX_JOB) or peer_job
-        ranges = []
-        for path, offset, size in reads:
-            path, offset = _path(path), _int(offset, "offset", 0, (1 << 63) - 1)
-            ranges.append((path, offset, self._size(cache, path, offset, _int(size, "size", -1, (1 << 63) - 1), "read")))
+        ranges = [self._range(cache, *read) for read in reads]
         total = sum(size for *_, size in ranges)
         if total > self.max_read:
             raise BadRequest(f"a read of {total} bytes in {len(ranges)} ranges is more than this daemon's "
                              f"--max-read of {self.max_read}; read in smaller batches")
-        grant = self.budget.acquire(total)
-        try:
+
+        def read() -> list[bytes]:
             pieces = cache.read_many(ranges, job=job)
-        except BaseException:
-            grant.release()
-            raise
-        head = b"".join(LENGTHS.pack(len(p)) for p in pieces)
-        return Reply([head, *pieces], grant)
+            return [b"".join(LENGTHS.pack(len(p)) for p in pieces), *pieces]
+
+        return self._reply(total, read)
 
     def report(self, payload: bytes | bytearray) -> int:
         """Account hits a client served itself (an ``OP_REPORT`` payload); the number of blocks
@@ -148,9 +135,7 @@ class Service:
             cache.invalidate(path)
             return None
         if op == "prefetch":
-            offset = _int(args.get("offset", 0), "offset", 0, (1 << 63) - 1)
-            size = self._size(cache, path, offset, _int(args.get("size", -1), "size", -1, (1 << 63) - 1), "prefetch")
-            return cache.prefetch(path, offset, size)
+            return cache.prefetch(*self._range(cache, path, args.get("offset", 0), args.get("size", -1), "prefetch"))
         raise BadRequest(f"unknown operation {op!r}")
 
     def stats(self) -> dict[str, Any]:
@@ -171,6 +156,23 @@ class Service:
             self.requests[op] += 1
             if error is not None:
                 self.errors[type(error).__name__] += 1
+
+    def _range(self, cache: Cache, path: Any, offset: Any, size: Any, what: str = "read") -> tuple[str, int, int]:
+        """A read's (or prefetch's) checked path, offset and size (``-1``: to the end of the object)."""
+        path = _path(path)
+        offset = _int(offset, "offset", 0, (1 << 63) - 1)
+        return path, offset, self._size(cache, path, offset, _int(size, "size", -1, (1 << 63) - 1), what)
+
+    def _reply(self, size: int, read: Callable[[], list[bytes | memoryview]]) -> Reply:
+        """``read()``'s pieces, ``size`` bytes of the response budget held for them until the reply
+        is closed; waits for that room first (``TimeoutError``)."""
+        grant = self.budget.acquire(size)
+        try:
+            pieces = read()
+        except BaseException:
+            grant.release()
+            raise
+        return Reply(pieces, grant)
 
     def _size(self, cache: Cache, path: str, offset: int, size: int, what: str) -> int:
         """A request's size (``-1``: to the end of the object), refused over ``max_read``."""
